@@ -356,7 +356,8 @@ def _is_count(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
-def _check_config(config: Any, path: Path) -> None:
+def check_config(config: Any, path: Path) -> None:
+    """Raise ModelFormatError (naming `path`) unless `config` is a valid normalized config."""
     _require(isinstance(config, dict), path, "'config' must be an object")
     missing = [k for k in CONFIG_KEYS if k not in config]
     _require(not missing, path, f"config lacks {', '.join(missing)}")
@@ -533,7 +534,7 @@ def load_manifest(model_dir: str | os.PathLike[str], *, verify_weights: bool = T
         f"quantization must be {{'bits': 4, 8 or 16, 'group_size': {GROUP_SIZE}}}",
     )
     config = manifest["config"]
-    _check_config(config, path)
+    check_config(config, path)
     experts = manifest["experts"]
     _check_experts(experts, config, path)
 
