@@ -1,6 +1,7 @@
 """flashmoe_native: run Mixture-of-Experts LLMs far larger than memory by streaming experts."""
 
-from . import _core
+from .engine import ContextLimitError, Engine, EngineState
+from .format import ModelFormatError
 
-__all__ = ["_core"]
+__all__ = ["ContextLimitError", "Engine", "EngineState", "ModelFormatError"]
 __version__ = "0.1.0"

@@ -1,0 +1,104 @@
+#include "cpu/kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+namespace fm::cpu {
+
+void dequant_row(const Matrix& w, int64_t row, float* out) {
+  const int64_t cols = w.cols;
+  if (w.dtype == DType::BF16) {
+    auto src = reinterpret_cast<const uint16_t*>(w.data) + row * cols;
+    for (int64_t c = 0; c < cols; ++c) out[c] = bf16_to_f32(src[c]);
+    return;
+  }
+  if (w.dtype == DType::F32) {
+    std::memcpy(out, reinterpret_cast<const float*>(w.data) + row * cols, size_t(cols) * 4);
+    return;
+  }
+  const int64_t groups = cols / kGroupSize;
+  const uint16_t* s = w.scales + row * groups;
+  const uint16_t* b = w.biases + row * groups;
+  if (w.dtype == DType::Q8) {
+    const uint8_t* q = w.data + row * cols;
+    for (int64_t c = 0; c < cols; ++c)
+      out[c] = float(q[c]) * bf16_to_f32(s[c / kGroupSize]) + bf16_to_f32(b[c / kGroupSize]);
+    return;
+  }
+  const uint8_t* q = w.data + row * cols / 2;
+  for (int64_t c = 0; c < cols; ++c) {
+    int nib = (q[c / 2] >> (4 * (c & 1))) & 15;
+    out[c] = float(nib) * bf16_to_f32(s[c / kGroupSize]) + bf16_to_f32(b[c / kGroupSize]);
+  }
+}
+
+void rmsnorm(const float* x, const float* w, float offset, float eps, int n, float* out) {
+  float ss = 0.0f;
+  for (int i = 0; i < n; ++i) ss += x[i] * x[i];
+  float inv = 1.0f / std::sqrt(ss / float(n) + eps);
+  for (int i = 0; i < n; ++i) out[i] = x[i] * inv * (offset + w[i]);
+}
+
+void rope(float* v, int heads, int head_dim, int rotary_dim, const float* inv_freq, int64_t pos) {
+  const int half = rotary_dim / 2;
+  for (int i = 0; i < half; ++i) {
+    float angle = float(pos) * inv_freq[i];
+    float c = std::cos(angle), s = std::sin(angle);
+    for (int h = 0; h < heads; ++h) {
+      float* x = v + int64_t(h) * head_dim;
+      float a = x[i], b = x[i + half];
+      x[i] = a * c - b * s;
+      x[i + half] = b * c + a * s;
+    }
+  }
+}
+
+void attention(const float* q, const float* k_cache, const float* v_cache, int64_t stride,
+               int64_t len, int nh, int nkv, int hd, float* scores, float* out, ThreadPool& pool) {
+  const int group = nh / nkv;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  pool.parallel_for(nh, 1, [&](int64_t h0, int64_t h1) {
+    for (int64_t h = h0; h < h1; ++h) {
+      const float* qh = q + h * hd;
+      const int64_t kv = h / group;
+      float* sc = scores + h * len;
+      float mx = -INFINITY;
+      for (int64_t t = 0; t < len; ++t) {
+        const float* k = k_cache + t * stride + kv * hd;
+        float d = 0.0f;
+        for (int i = 0; i < hd; ++i) d += qh[i] * k[i];
+        sc[t] = d * scale;
+        mx = std::max(mx, sc[t]);
+      }
+      float sum = 0.0f;
+      for (int64_t t = 0; t < len; ++t) sum += (sc[t] = std::exp(sc[t] - mx));
+      float* o = out + h * hd;
+      std::fill(o, o + hd, 0.0f);
+      for (int64_t t = 0; t < len; ++t) {
+        const float* v = v_cache + t * stride + kv * hd;
+        const float p = sc[t] / sum;
+        for (int i = 0; i < hd; ++i) o[i] += p * v[i];
+      }
+    }
+  });
+}
+
+void softmax(float* x, int n) {
+  float mx = *std::max_element(x, x + n);
+  float sum = 0.0f;
+  for (int i = 0; i < n; ++i) sum += (x[i] = std::exp(x[i] - mx));
+  for (int i = 0; i < n; ++i) x[i] /= sum;
+}
+
+void top_k(const float* p, int n, int k, int* idx) {
+  std::vector<int> order(static_cast<size_t>(n));
+  std::iota(order.begin(), order.end(), 0);
+  std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int a, int b) {
+    return p[a] > p[b] || (p[a] == p[b] && a < b);
+  });
+  std::copy(order.begin(), order.begin() + k, idx);
+}
+
+}  // namespace fm::cpu

@@ -1,0 +1,63 @@
+// CPU kernels. Activations are fp32; weights are bf16 or group-affine q4/q8 (docs/format.md).
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#include "model.h"
+#include "thread_pool.h"
+
+namespace fm::cpu {
+
+inline float bf16_to_f32(uint16_t v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Which SIMD path the matvec kernels take on this CPU ("avx512", "avx2", "generic").
+const char* simd_path();
+
+// Scratch the quantized kernels need per input vector: x laid out for the 4-bit kernel
+// (4 bytes per column) and per-group sums of x (the bias term is sum_g bias_g * sum(x_g)).
+// Sized for the widest input.
+struct MatvecScratch {
+  explicit MatvecScratch(int64_t max_cols);
+  float* x_prep;
+  float* group_sums;
+  ~MatvecScratch();
+  MatvecScratch(const MatvecScratch&) = delete;
+  MatvecScratch& operator=(const MatvecScratch&) = delete;
+};
+
+// y[rows] = W[rows, cols] x[cols], accumulated in fp32, rows split across the pool.
+// Quantized rows use sum_g(scale_g * dot(q_g, x_g) + bias_g * sum(x_g)).
+void matvec(const Matrix& w, const float* x, float* y, MatvecScratch& scratch, ThreadPool& pool);
+
+// Row `row` of W widened to fp32 (embedding lookup).
+void dequant_row(const Matrix& w, int64_t row, float* out);
+
+// out = x * rsqrt(mean(x^2) + eps) * (offset + w); offset 1 for zero-centred norms, 0 for plain.
+void rmsnorm(const float* x, const float* w, float offset, float eps, int n, float* out);
+
+// NeoX rotate-half RoPE on the first rotary_dim dims of each of `heads` vectors of head_dim.
+// inv_freq has rotary_dim/2 entries.
+void rope(float* v, int heads, int head_dim, int rotary_dim, const float* inv_freq, int64_t pos);
+
+// Causal attention of one query over `len` cached positions with grouped KV heads.
+// q [nh, hd]; position t's keys [nkv, hd] start at k_cache + t*stride, values at v_cache + t*stride;
+// out [nh, hd]. scores scratch needs nh*len floats.
+void attention(const float* q, const float* k_cache, const float* v_cache, int64_t stride,
+               int64_t len, int nh, int nkv, int hd, float* scores, float* out, ThreadPool& pool);
+
+inline float silu(float x) { return x / (1.0f + __builtin_expf(-x)); }
+inline float sigmoid(float x) { return 1.0f / (1.0f + __builtin_expf(-x)); }
+inline float softplus(float x) { return x > 20.0f ? x : __builtin_log1pf(__builtin_expf(x)); }
+
+// In-place softmax over n values.
+void softmax(float* x, int n);
+
+// Indices of the k largest of p[n] (descending, ties to the lower index), written to idx.
+void top_k(const float* p, int n, int k, int* idx);
+
+}  // namespace fm::cpu

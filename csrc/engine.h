@@ -1,0 +1,62 @@
+// The engine interface every backend implements: one token in, logits out, state kept inside.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "model.h"
+
+namespace fm {
+
+struct EngineOptions {
+  int experts_per_token = 0;  // 0: the model's top-k
+  int threads = 0;            // 0: all hardware threads
+  int64_t max_context = 0;    // 0: the model's max_position_embeddings
+  bool direct_io = false;     // read expert blocks with O_DIRECT instead of through the page cache
+};
+
+// Counters since the last reset_stats(). Milliseconds are wall time on the calling thread.
+struct EngineStats {
+  uint64_t tokens = 0;
+  uint64_t expert_bytes_read = 0;
+  uint64_t experts_loaded = 0;
+  double mixer_ms = 0, router_ms = 0, expert_io_wait_ms = 0, expert_compute_ms = 0, lm_head_ms = 0;
+  double total_ms = 0;
+};
+
+// Thrown when a token would go past the context limit.
+struct ContextLimitError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// A copy of everything a token depends on: position, KV cache, conv and recurrent states.
+struct EngineState {
+  int64_t position = 0;
+  std::vector<std::vector<float>> buffers;
+  uint64_t nbytes() const;
+};
+
+class Engine {
+ public:
+  virtual ~Engine() = default;
+  // Runs one token at the current position; writes vocab_size logits when `logits` is not null.
+  virtual void step(int32_t token, float* logits) = 0;
+  // Runs tokens in order; logits of the last one when `logits` is not null.
+  virtual void prefill(const int32_t* tokens, int64_t n, float* logits) = 0;
+  virtual void reset() = 0;
+  virtual int64_t position() const = 0;
+  virtual int64_t max_context() const = 0;
+  virtual int experts_per_token() const = 0;
+  virtual const ModelConfig& config() const = 0;
+  virtual EngineStats stats() const = 0;
+  virtual void reset_stats() = 0;
+  virtual EngineState snapshot() const = 0;
+  virtual void restore(const EngineState& state) = 0;
+  virtual std::string describe() const = 0;
+};
+
+std::unique_ptr<Engine> make_cpu_engine(ModelSpec spec, const EngineOptions& options);
+
+}  // namespace fm

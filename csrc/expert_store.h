@@ -1,0 +1,60 @@
+// Expert blocks on disk: each (layer, expert) is one contiguous block of experts.bin, fetched with
+// one pread by a persistent pool of I/O threads into 4 KiB-aligned slot buffers. Reads go through
+// the OS page cache by default; direct=true opens the file with O_DIRECT (blocks are 4 KiB aligned).
+#pragma once
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "model.h"
+
+namespace fm {
+
+class ExpertStore {
+ public:
+  ExpertStore(std::string path, const ExpertLayout& layout, int slots, int io_threads, bool direct);
+  ~ExpertStore();
+  ExpertStore(const ExpertStore&) = delete;
+  ExpertStore& operator=(const ExpertStore&) = delete;
+
+  int slots() const { return int(slots_.size()); }
+  uint64_t block_bytes() const { return read_bytes_; }
+
+  // Queues the read of block (layer, expert) into `slot`; returns at once.
+  void start(int slot, int layer, int expert);
+  // Blocks until `slot` holds its block; throws std::runtime_error naming the file on a failed read.
+  const uint8_t* wait(int slot);
+
+  uint64_t bytes_read() const { return bytes_read_.load(); }
+  uint64_t blocks_read() const { return blocks_read_.load(); }
+
+ private:
+  struct Slot {
+    uint8_t* buffer = nullptr;
+    std::atomic<int> state{0};  // 0 idle, 1 queued, 2 ready, 3 failed
+    std::string error;
+  };
+  struct Job {
+    int slot, layer, expert;
+  };
+  void io_loop();
+
+  std::string path_;
+  ExpertLayout layout_;
+  uint64_t read_bytes_;
+  int fd_ = -1;
+  std::vector<Slot> slots_;
+  std::vector<std::thread> threads_;
+  std::mutex mutex_;
+  std::condition_variable job_ready_, slot_done_;
+  std::deque<Job> jobs_;
+  bool stop_ = false;
+  std::atomic<uint64_t> bytes_read_{0}, blocks_read_{0};
+};
+
+}  // namespace fm

@@ -1,0 +1,116 @@
+"""The Python face of the native engine: opens a model directory and runs tokens."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from .format import load_manifest
+
+ContextLimitError = _core.ContextLimitError
+EngineState = _core.EngineState
+
+
+def _positive_or_none(name: str, value: int | None) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class Engine:
+    """A model directory opened for inference: one sequence, advanced a token at a time.
+
+    Non-expert weights are memory-mapped; the routed experts of every layer are read from
+    experts.bin on demand. Sampling is the caller's: `step` returns raw float32 logits.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        experts_per_token: int | None = None,
+        threads: int | None = None,
+        max_context: int | None = None,
+        direct_io: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self.manifest: dict[str, Any] = load_manifest(self.path)
+        self._native = _core.Engine(
+            str(self.path),
+            self.manifest,
+            experts_per_token=_positive_or_none("experts_per_token", experts_per_token),
+            threads=_positive_or_none("threads", threads),
+            max_context=_positive_or_none("max_context", max_context),
+            direct_io=bool(direct_io),
+        )
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.manifest["config"]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config["vocab_size"])
+
+    @property
+    def position(self) -> int:
+        """Number of tokens in the sequence so far."""
+        return self._native.position
+
+    @property
+    def max_context(self) -> int:
+        return self._native.max_context
+
+    @property
+    def experts_per_token(self) -> int:
+        return self._native.experts_per_token
+
+    @property
+    def device(self) -> str:
+        return self._native.describe()
+
+    def step(self, token: int) -> np.ndarray:
+        """Run one token; returns float32 logits over the vocabulary."""
+        if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
+            raise TypeError(f"token must be an int, got {type(token).__name__}")
+        return self._native.step(int(token))
+
+    def prefill(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Run a prompt; returns the logits of its last token."""
+        ids = np.asarray(tokens)
+        if ids.ndim != 1 or ids.size == 0:
+            raise ValueError("prefill needs a non-empty 1-D sequence of token ids")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
+        bad = (ids < 0) | (ids >= self.vocab_size)
+        if bad.any():
+            raise ValueError(
+                f"token id {int(ids[bad][0])} is outside the vocabulary (0..{self.vocab_size - 1})"
+            )
+        return self._native.prefill(np.ascontiguousarray(ids, dtype=np.int32))
+
+    def reset(self) -> None:
+        """Forget the sequence: position 0, empty KV cache and recurrent state."""
+        self._native.reset()
+
+    def snapshot(self) -> EngineState:
+        """Copy of the sequence state (KV cache, conv and recurrent state, position)."""
+        return self._native.snapshot()
+
+    def restore(self, state: EngineState) -> None:
+        self._native.restore(state)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since the last reset_stats(): tokens, expert bytes and blocks read, and
+        per-phase milliseconds (mixer, router, expert_io_wait, expert_compute, lm_head, total)."""
+        return self._native.stats()
+
+    def reset_stats(self) -> None:
+        self._native.reset_stats()
