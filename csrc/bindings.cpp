@@ -128,6 +128,9 @@ NB_MODULE(_core, m) {
   m.doc() = "flashmoe_native native core";
   nb::exception<fm::ContextLimitError>(m, "ContextLimitError", PyExc_ValueError);
 
+  m.def("cuda_unavailable_reason", &fm::cuda_unavailable_reason,
+        "Empty when a CUDA GPU can be used, else why not.");
+
   nb::class_<fm::Xxh64>(m, "Xxh64", "Streaming XXH64 (seed 0).")
       .def(nb::init<>())
       .def("update", [](fm::Xxh64& h, nb::bytes data) { h.update(data.c_str(), data.size()); }, "data"_a)
@@ -191,16 +194,19 @@ NB_MODULE(_core, m) {
   nb::class_<PyEngine>(m, "Engine")
       .def(
           "__init__",
-          [](PyEngine* self, const std::string& model_dir, nb::dict manifest, int experts_per_token,
-             int threads, int64_t max_context, bool direct_io) {
+          [](PyEngine* self, const std::string& model_dir, nb::dict manifest, const std::string& device,
+             int experts_per_token, int threads, int64_t max_context, bool direct_io) {
+            if (device != "cpu" && device != "cuda")
+              throw std::invalid_argument("device must be 'cpu' or 'cuda', not '" + device + "'");
             fm::ModelSpec spec = model_spec(model_dir, manifest);
             fm::EngineOptions o{experts_per_token, threads, max_context, direct_io};
             new (self) PyEngine();
             nb::gil_scoped_release release;
-            self->engine = fm::make_cpu_engine(std::move(spec), o);
+            self->engine = device == "cuda" ? fm::make_cuda_engine(std::move(spec), o)
+                                            : fm::make_cpu_engine(std::move(spec), o);
           },
-          "model_dir"_a, "manifest"_a, "experts_per_token"_a = 0, "threads"_a = 0, "max_context"_a = 0,
-          "direct_io"_a = false)
+          "model_dir"_a, "manifest"_a, "device"_a = "cpu", "experts_per_token"_a = 0, "threads"_a = 0,
+          "max_context"_a = 0, "direct_io"_a = false)
       .def(
           "step",
           [](PyEngine& e, int64_t token) {

@@ -59,4 +59,10 @@ class Engine {
 
 std::unique_ptr<Engine> make_cpu_engine(ModelSpec spec, const EngineOptions& options);
 
+// The CUDA backend (csrc/cuda/). cuda_unavailable_reason() is empty when a usable GPU is present;
+// otherwise it says why not (no GPU, no driver, or a build without nvcc), and make_cuda_engine
+// throws that reason.
+std::string cuda_unavailable_reason();
+std::unique_ptr<Engine> make_cuda_engine(ModelSpec spec, const EngineOptions& options);
+
 }  // namespace fm

@@ -24,6 +24,21 @@ def _positive_or_none(name: str, value: int | None) -> int:
     return value
 
 
+def cuda_available() -> bool:
+    return not _core.cuda_unavailable_reason()
+
+
+def resolve_device(device: str) -> str:
+    """'cpu', 'cuda' (an error naming the reason when no GPU can be used) or 'auto'."""
+    if device == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    if device == "cuda" and not cuda_available():
+        raise RuntimeError(f"device='cuda' is not available: {_core.cuda_unavailable_reason()}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', not {device!r}")
+    return device
+
+
 class Engine:
     """A model directory opened for inference: one sequence, advanced a token at a time.
 
@@ -35,6 +50,7 @@ class Engine:
         self,
         path: str | os.PathLike[str],
         *,
+        device: str = "cpu",
         experts_per_token: int | None = None,
         threads: int | None = None,
         max_context: int | None = None,
@@ -45,6 +61,7 @@ class Engine:
         self._native = _core.Engine(
             str(self.path),
             self.manifest,
+            device=resolve_device(device),
             experts_per_token=_positive_or_none("experts_per_token", experts_per_token),
             threads=_positive_or_none("threads", threads),
             max_context=_positive_or_none("max_context", max_context),

@@ -1,0 +1,14 @@
+// Linked instead of csrc/cuda/ when the build found no nvcc.
+#include "engine.h"
+
+namespace fm {
+
+std::string cuda_unavailable_reason() {
+  return "flashmoe_native was built without CUDA (no nvcc found when it was installed)";
+}
+
+std::unique_ptr<Engine> make_cuda_engine(ModelSpec, const EngineOptions&) {
+  throw std::runtime_error(cuda_unavailable_reason());
+}
+
+}  // namespace fm
