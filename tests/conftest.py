@@ -2,7 +2,32 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
 import torch
+from tiny_models import TinyModels
 
 # CI machines have 2 cores; more threads only add contention
 torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
+    """Builder of tiny checkpoints (tiny_models.checkpoint) and conversions (.converted)."""
+    return TinyModels(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture
+def model_copy(tiny_models: TinyModels, tmp_path: Path) -> Callable[..., Path]:
+    """A private copy of a converted tiny model, free to corrupt: model_copy(bits=4, shape="A")."""
+
+    def make(bits: int = 4, shape: str = "A", **kwargs: object) -> Path:
+        src = tiny_models.converted(bits, shape, **kwargs)
+        dst = tmp_path / f"{src.name}-copy"
+        shutil.copytree(src, dst)
+        return dst
+
+    return make
