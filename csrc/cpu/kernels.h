@@ -18,13 +18,14 @@ inline float bf16_to_f32(uint16_t v) {
 // Which SIMD path the matvec kernels take on this CPU ("avx512", "avx2", "generic").
 const char* simd_path();
 
-// Scratch the quantized kernels need per input vector: x laid out for the 4-bit kernel
-// (4 bytes per column) and per-group sums of x (the bias term is sum_g bias_g * sum(x_g)).
-// Sized for the widest input.
+// Scratch the quantized kernels need per input vector: x laid out for the kernel (at most 4 bytes
+// per column), its per-group fixed-point scales, and per-group sums of x (the bias term is
+// sum_g bias_g * sum(x_g)). Sized for the widest input.
 struct MatvecScratch {
   explicit MatvecScratch(int64_t max_cols);
   float* x_prep;
   float* group_sums;
+  float* x_scale;
   ~MatvecScratch();
   MatvecScratch(const MatvecScratch&) = delete;
   MatvecScratch& operator=(const MatvecScratch&) = delete;
