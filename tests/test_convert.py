@@ -13,6 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import load_file, save_file
+from safetensors.torch import save_file as save_torch
+from tiny_models import LAYOUTS, SHAPES, WRAPPERS, TinyModels
+
 from flashmoe_native import _core
 from flashmoe_native import convert as convert_mod
 from flashmoe_native import format as fmt
@@ -20,9 +24,6 @@ from flashmoe_native import verify as verify_mod
 from flashmoe_native.convert import convert, normalize_config, tensor_dtype
 from flashmoe_native.progress import Progress
 from flashmoe_native.safetensors_io import Checkpoint
-from safetensors.numpy import load_file, save_file
-from safetensors.torch import save_file as save_torch
-from tiny_models import LAYOUTS, SHAPES, WRAPPERS, TinyModels
 
 DATA_FILES = (fmt.WEIGHTS_FILE, fmt.EXPERTS_FILE)
 

@@ -17,8 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from flashmoe_native import format as fmt
-from flashmoe_native.convert import convert
 from safetensors.torch import save_file
 from transformers import (
     Qwen3_5MoeConfig,
@@ -26,6 +24,9 @@ from transformers import (
     Qwen3_5MoeForConditionalGeneration,
     Qwen3_5MoeTextConfig,
 )
+
+from flashmoe_native import format as fmt
+from flashmoe_native.convert import convert
 
 LIN, FULL = "linear_attention", "full_attention"
 

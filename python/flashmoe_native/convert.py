@@ -226,6 +226,11 @@ def check_source_tensors(source: Source, expected: dict[str, list[int]]) -> None
     n_experts, inter, hidden = cfg["num_experts"], cfg["moe_intermediate_size"], cfg["hidden_size"]
     for layer in range(cfg["num_hidden_layers"]):
         names = source.expert_source_names(layer)
+        if not source.fused_experts(layer) and names[0] not in ckpt:
+            raise ModelFormatError(
+                f"{source.directory}: checkpoint has no experts for layer {layer} (neither "
+                f"{source.prefix}layers.{layer}.mlp.experts.gate_up_proj nor {names[0]})"
+            )
         if source.fused_experts(layer):
             wants = [[n_experts, 2 * inter, hidden], [n_experts, hidden, inter]]
         else:

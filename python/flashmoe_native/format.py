@@ -477,6 +477,18 @@ def _check_experts(experts: Any, config: Mapping[str, Any], path: Path) -> None:
             path,
             f"experts.parts.{name}: offset {offset!r} + {nbytes} bytes lies outside the block",
         )
+    spans = sorted(
+        (
+            parts[n]["offset"],
+            parts[n]["offset"] + tensor_nbytes(parts[n]["dtype"], parts[n]["shape"]),
+        )
+        for n in EXPERT_PARTS
+    )
+    _require(
+        all(end <= start for (_, end), (start, _) in zip(spans, spans[1:], strict=False)),
+        path,
+        "experts.parts overlap",
+    )
     _require(
         experts["block_stride"] == align_up(experts["block_bytes"], BLOCK_ALIGN),
         path,
