@@ -35,7 +35,7 @@ def test_q4_matvec_vs_memory_bandwidth(benchmark) -> None:
     buffer = np.ones(weights.nbytes, dtype=np.uint8)
 
     def matvec() -> np.ndarray:
-        return kernels.matvec(weights, "q4", ROWS, COLS, x)
+        return kernels.linear(weights, "q4", ROWS, COLS, x)
 
     # interleaved so both see the same machine state
     read_s, matvec_s = [], []

@@ -155,22 +155,24 @@ NB_MODULE(_core, m) {
       .def_prop_ro("threads", [](CpuKernels& k) { return k.pool.size(); })
       .def_prop_ro("simd", [](CpuKernels&) { return std::string(fm::cpu::simd_path()); })
       .def(
-          "matvec",
+          "linear",
           [](CpuKernels& k, Bytes tensor, const std::string& dtype, int64_t rows, int64_t cols, Floats x) {
             fm::TensorInfo t;
             t.dtype = fm::parse_dtype(dtype);
             t.shape = {rows, cols};
             t.nbytes = fm::tensor_nbytes(t.dtype, rows, cols);
             if (tensor.shape(0) < t.nbytes) throw std::invalid_argument("tensor buffer too small for its shape");
-            if (int64_t(x.shape(0)) != cols) throw std::invalid_argument("x must have `cols` elements");
+            if (cols <= 0 || int64_t(x.shape(0)) % cols) throw std::invalid_argument("x must hold n rows of `cols`");
+            const int64_t n = int64_t(x.shape(0)) / cols;
             float* data;
-            auto y = new_logits(size_t(rows), &data);
+            auto y = new_logits(size_t(n * rows), &data);
             nb::gil_scoped_release release;
-            fm::cpu::MatvecScratch scratch(cols);
-            fm::cpu::matvec(fm::matrix_at(tensor.data(), t), x.data(), data, scratch, k.pool);
+            fm::cpu::LinearScratch scratch(n, cols);
+            fm::cpu::linear(fm::matrix_at(tensor.data(), t), x.data(), n, data, scratch, k.pool);
             return y;
           },
-          "tensor"_a, "dtype"_a, "rows"_a, "cols"_a, "x"_a, "y = W x for a tensor in the model format.")
+          "tensor"_a, "dtype"_a, "rows"_a, "cols"_a, "x"_a,
+          "y = x W^T for a tensor in the model format; x holds n rows of `cols` (flattened), y n rows of `rows`.")
       .def(
           "stream_read",
           [](CpuKernels& k, Bytes buf) {
@@ -195,18 +197,18 @@ NB_MODULE(_core, m) {
       .def(
           "__init__",
           [](PyEngine* self, const std::string& model_dir, nb::dict manifest, const std::string& device,
-             int experts_per_token, int threads, int64_t max_context, bool direct_io) {
+             int experts_per_token, int threads, int64_t max_context, bool direct_io, int prefill_chunk) {
             if (device != "cpu" && device != "cuda")
               throw std::invalid_argument("device must be 'cpu' or 'cuda', not '" + device + "'");
             fm::ModelSpec spec = model_spec(model_dir, manifest);
-            fm::EngineOptions o{experts_per_token, threads, max_context, direct_io};
+            fm::EngineOptions o{experts_per_token, threads, max_context, direct_io, prefill_chunk};
             new (self) PyEngine();
             nb::gil_scoped_release release;
             self->engine = device == "cuda" ? fm::make_cuda_engine(std::move(spec), o)
                                             : fm::make_cpu_engine(std::move(spec), o);
           },
           "model_dir"_a, "manifest"_a, "device"_a = "cpu", "experts_per_token"_a = 0, "threads"_a = 0,
-          "max_context"_a = 0, "direct_io"_a = false)
+          "max_context"_a = 0, "direct_io"_a = false, "prefill_chunk"_a = 0)
       .def(
           "step",
           [](PyEngine& e, int64_t token) {
@@ -255,6 +257,10 @@ NB_MODULE(_core, m) {
              d["expert_bytes_read"] = s.expert_bytes_read;
              d["experts_loaded"] = s.experts_loaded;
              d["ms"] = ms;
+             d["prefill_tokens"] = s.prefill_tokens;
+             d["prefill_chunks"] = s.prefill_chunks;
+             d["prefill_experts_loaded"] = s.prefill_experts_loaded;
+             d["prefill_expert_bytes_read"] = s.prefill_expert_bytes_read;
              return d;
            })
       .def("reset_stats",

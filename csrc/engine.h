@@ -15,6 +15,9 @@ struct EngineOptions {
   int threads = 0;            // 0: all hardware threads
   int64_t max_context = 0;    // 0: the model's max_position_embeddings
   bool direct_io = false;     // read expert blocks with O_DIRECT instead of through the page cache
+  int prefill_chunk = 0;      // tokens per prefill chunk; 0: the backend's measured default
+  double expert_cache_gb = 0; // CUDA: device expert cache in GB (1e9 B); 0: what fits after weights and state
+  bool profile = false;       // CUDA: time each phase with device events (no CUDA graph, slower)
 };
 
 // Counters since the last reset_stats(). Milliseconds are wall time on the calling thread.
@@ -24,6 +27,13 @@ struct EngineStats {
   uint64_t experts_loaded = 0;
   double mixer_ms = 0, router_ms = 0, expert_io_wait_ms = 0, expert_compute_ms = 0, lm_head_ms = 0;
   double total_ms = 0;
+  // prefill only: chunks run, and the unique experts (summed over layers) and bytes they read
+  uint64_t prefill_tokens = 0, prefill_chunks = 0;
+  uint64_t prefill_experts_loaded = 0, prefill_expert_bytes_read = 0;
+  // CUDA device expert cache: routed experts found on the device / fetched, bytes copied to it,
+  // and hits/misses per layer (empty on the CPU, which has no device cache)
+  uint64_t expert_cache_hits = 0, expert_cache_misses = 0, bytes_h2d = 0;
+  std::vector<uint64_t> layer_cache_hits, layer_cache_misses;
 };
 
 // Thrown when a token would go past the context limit.

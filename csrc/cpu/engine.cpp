@@ -1,6 +1,9 @@
-// The CPU per-token loop: x += Mixer(RMS(x)); x += MoE(RMS(x)) per layer, then RMS and lm_head.
-// Non-expert weights come from the mmap'd weights.bin; the K routed experts of each layer are
-// read from experts.bin by the ExpertStore while the shared expert is computed.
+// The CPU loop: x += Mixer(RMS(x)); x += MoE(RMS(x)) per layer, then RMS and lm_head, for a batch
+// of n consecutive tokens (n = 1 when decoding, a chunk of the prompt when prefilling). Projections
+// are x[n, in] W^T products that read each weight once per batch; attention and the DeltaNet
+// recurrence walk the batch in order. Non-expert weights come from the mmap'd weights.bin. The
+// MoE routes the whole batch, then reads every expert any token needs once, from experts.bin,
+// while the shared expert and the experts already read are computed.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -19,6 +22,11 @@ double ms_since(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
 }
 
+// Measured on 2 Zen 4 cores (bench/test_bench_cpu.py): tokens per prefill chunk.
+constexpr int kDefaultPrefillChunk = 64;
+// Expert blocks in flight while a chunk's experts are read (decode needs only K).
+constexpr int kPrefillSlots = 32;
+
 struct LayerWeights {
   LayerType type;
   const float* input_norm;
@@ -35,6 +43,13 @@ struct LayerWeights {
   const float* out_norm = nullptr;  // [value_head_dim], plain weight
   // MoE
   Matrix router, shared_gate, shared_gate_proj, shared_up_proj, shared_down_proj;
+};
+
+// Scratch of up to [chunk, width] floats; users index rows with the stride of what they store.
+struct Buffer {
+  std::vector<float> data;
+  void resize(int64_t rows, int64_t width) { data.assign(size_t(rows * width), 0.0f); }
+  float* get() { return data.data(); }
 };
 
 class CpuEngine final : public Engine {
@@ -55,33 +70,38 @@ class CpuEngine final : public Engine {
   std::string describe() const override;
 
  private:
-  void check_token(int32_t token) const;
-  void forward(int32_t token, float* logits);
-  void full_attention(int layer, const float* h, float* out);
-  void linear_attention(int layer, const float* h, float* out);
-  void moe(int layer, const float* h, float* out);
-  void mv(const Matrix& w, const float* x, float* y) { cpu::matvec(w, x, y, scratch_, pool_); }
+  void check_tokens(const int32_t* tokens, int64_t n) const;
+  // Runs n <= chunk_ tokens at positions pos_..pos_+n-1; logits of the last when not null.
+  void forward(const int32_t* tokens, int64_t n, float* logits);
+  void full_attention(int layer, int64_t n);
+  void linear_attention(int layer, int64_t n);
+  void moe(int layer, int64_t n);
+  void lin(const Matrix& w, const float* x, int64_t n, float* y) { cpu::linear(w, x, n, y, scratch_, pool_); }
+  // y[n, H] = down(silu(gate x) * up x) for x[n, H]
+  void swiglu(const Matrix& gate, const Matrix& up, const Matrix& down, const float* x, int64_t n, float* y);
 
   Model model_;
   const ModelConfig& c_;
   int k_;
   int64_t max_context_;
+  int64_t chunk_;
   ThreadPool pool_;
   ExpertStore store_;
-  cpu::MatvecScratch scratch_;
+  cpu::LinearScratch scratch_;
   Matrix embed_, lm_head_;
   const float* final_norm_;
   std::vector<LayerWeights> layers_;
   std::vector<float> inv_freq_;
 
-  // State. kv_[l]: [capacity, 2, nkv*hd] for full-attention layers; conv_[l]: [kernel-1, channels]
-  // oldest first; ssm_[l]: [nv, dk, dv] for DeltaNet layers.
+  // State. kv_[l]: [positions, 2, nkv*hd] (K then V) for full-attention layers; conv_[l]:
+  // [kernel-1, channels] oldest first, ssm_[l]: [nv, dk, dv] for DeltaNet layers.
   int64_t pos_ = 0;
   std::vector<std::vector<float>> kv_, conv_, ssm_;
 
-  // Scratch, sized for the largest use.
-  std::vector<float> x_, h_, mix_out_, moe_out_, a_, b_, c_buf_, d_, gates_, scores_, probs_, expert_w_;
-  std::vector<int> expert_idx_;
+  // Scratch for a batch of up to chunk_ tokens.
+  Buffer x_, h_, mix_, moe_, a_, b_, c_buf_, d_, gates_, probs_;
+  std::vector<int> expert_idx_;      // [n, k]
+  std::vector<float> expert_w_;      // [n, k]
 
   EngineStats stats_;
   uint64_t bytes_at_reset_ = 0, blocks_at_reset_ = 0;
@@ -108,16 +128,23 @@ int64_t resolve_context(const ModelConfig& c, int64_t n) {
   return n == 0 ? c.max_position_embeddings : n;
 }
 
+int64_t resolve_chunk(int chunk) {
+  if (chunk < 0 || chunk > 4096) throw std::invalid_argument("prefill_chunk must be in 1..4096");
+  return chunk == 0 ? kDefaultPrefillChunk : chunk;
+}
+
 CpuEngine::CpuEngine(ModelSpec spec, const EngineOptions& o)
     : model_(std::move(spec)),
       c_(model_.config()),
       k_(resolve_k(c_, o.experts_per_token)),
       max_context_(resolve_context(c_, o.max_context)),
+      chunk_(resolve_chunk(o.prefill_chunk)),
       pool_(resolve_threads(o.threads)),
-      store_(model_.experts_path(), model_.experts(), k_, k_, o.direct_io),
-      scratch_(std::max<int64_t>({c_.hidden_size, int64_t(c_.num_heads) * c_.head_dim,
-                                  int64_t(c_.lin_num_value_heads) * c_.lin_value_head_dim,
-                                  c_.moe_intermediate, c_.shared_intermediate})) {
+      store_(model_.experts_path(), model_.experts(), std::max(k_, std::min(c_.num_experts, kPrefillSlots)),
+             k_, o.direct_io),
+      scratch_(chunk_, std::max<int64_t>({c_.hidden_size, int64_t(c_.num_heads) * c_.head_dim,
+                                          int64_t(c_.lin_num_value_heads) * c_.lin_value_head_dim,
+                                          c_.moe_intermediate, c_.shared_intermediate})) {
   const int H = c_.hidden_size;
   embed_ = model_.matrix("embed_tokens.weight");
   lm_head_ = model_.matrix("lm_head.weight");
@@ -168,11 +195,12 @@ CpuEngine::CpuEngine(ModelSpec spec, const EngineOptions& o)
   const int64_t q_dim = int64_t(c_.num_heads) * c_.head_dim * 2;
   const int64_t widest = std::max<int64_t>({H, q_dim, conv_ch, vd, c_.moe_intermediate,
                                             c_.shared_intermediate, c_.num_experts});
-  for (auto* v : {&x_, &h_, &mix_out_, &moe_out_, &a_, &b_, &c_buf_, &d_}) v->assign(size_t(widest), 0.0f);
-  gates_.assign(2 * size_t(c_.lin_num_value_heads), 0.0f);
-  probs_.assign(size_t(c_.num_experts), 0.0f);
-  expert_idx_.assign(size_t(k_), 0);
-  expert_w_.assign(size_t(k_), 0.0f);
+  for (Buffer* b : {&x_, &h_, &mix_, &moe_}) b->resize(chunk_, H);
+  for (Buffer* b : {&a_, &b_, &c_buf_, &d_}) b->resize(chunk_, widest);
+  gates_.resize(chunk_, 2 * c_.lin_num_value_heads);
+  probs_.resize(chunk_, c_.num_experts);
+  expert_idx_.assign(size_t(chunk_ * k_), 0);
+  expert_w_.assign(size_t(chunk_ * k_), 0.0f);
   reset();
 }
 
@@ -189,216 +217,260 @@ void CpuEngine::reset() {
   }
 }
 
-void CpuEngine::check_token(int32_t token) const {
-  if (token < 0 || token >= c_.vocab_size)
-    throw std::invalid_argument("token id " + std::to_string(token) + " is outside the vocabulary (0.." +
-                                std::to_string(c_.vocab_size - 1) + ")");
-  if (pos_ >= max_context_)
-    throw ContextLimitError("context limit reached: position " + std::to_string(pos_) +
-                            " is past max_context=" + std::to_string(max_context_) +
+void CpuEngine::check_tokens(const int32_t* tokens, int64_t n) const {
+  for (int64_t i = 0; i < n; ++i)
+    if (tokens[i] < 0 || tokens[i] >= c_.vocab_size)
+      throw std::invalid_argument("token id " + std::to_string(tokens[i]) + " is outside the vocabulary (0.." +
+                                  std::to_string(c_.vocab_size - 1) + ")");
+  if (pos_ + n > max_context_)
+    throw ContextLimitError("context limit: " + std::to_string(n) + " more token(s) at position " +
+                            std::to_string(pos_) + " would pass max_context=" + std::to_string(max_context_) +
                             "; reset() or restore a shorter state");
 }
 
 void CpuEngine::step(int32_t token, float* logits) {
-  check_token(token);
-  forward(token, logits);
+  check_tokens(&token, 1);
+  forward(&token, 1, logits);
 }
 
 void CpuEngine::prefill(const int32_t* tokens, int64_t n, float* logits) {
   if (n <= 0) throw std::invalid_argument("prefill needs at least one token");
-  if (pos_ + n > max_context_)
-    throw ContextLimitError("prompt of " + std::to_string(n) + " tokens at position " + std::to_string(pos_) +
-                            " exceeds max_context=" + std::to_string(max_context_));
-  for (int64_t i = 0; i < n; ++i) check_token(tokens[i]);
-  for (int64_t i = 0; i < n; ++i) forward(tokens[i], i + 1 == n ? logits : nullptr);
+  check_tokens(tokens, n);
+  const uint64_t bytes0 = store_.bytes_read(), blocks0 = store_.blocks_read();
+  for (int64_t i = 0; i < n; i += chunk_) {
+    const int64_t m = std::min(chunk_, n - i);
+    forward(tokens + i, m, i + m == n ? logits : nullptr);
+    ++stats_.prefill_chunks;
+  }
+  stats_.prefill_tokens += uint64_t(n);
+  stats_.prefill_expert_bytes_read += store_.bytes_read() - bytes0;
+  stats_.prefill_experts_loaded += store_.blocks_read() - blocks0;
 }
 
-void CpuEngine::forward(int32_t token, float* logits) {
-  const auto t_token = Clock::now();
+void CpuEngine::forward(const int32_t* tokens, int64_t n, float* logits) {
+  const auto t_start = Clock::now();
   const int H = c_.hidden_size;
-  cpu::dequant_row(embed_, token, x_.data());
+  for (int64_t t = 0; t < n; ++t) cpu::dequant_row(embed_, tokens[t], x_.get() + t * H);
   for (int l = 0; l < c_.num_layers; ++l) {
     const LayerWeights& w = layers_[size_t(l)];
     auto t0 = Clock::now();
-    cpu::rmsnorm(x_.data(), w.input_norm, 1.0f, c_.rms_norm_eps, H, h_.data());
+    for (int64_t t = 0; t < n; ++t) cpu::rmsnorm(x_.get() + t * H, w.input_norm, 1.0f, c_.rms_norm_eps, H, h_.get() + t * H);
     if (w.type == LayerType::FullAttention)
-      full_attention(l, h_.data(), mix_out_.data());
+      full_attention(l, n);
     else
-      linear_attention(l, h_.data(), mix_out_.data());
-    for (int i = 0; i < H; ++i) x_[size_t(i)] += mix_out_[size_t(i)];
+      linear_attention(l, n);
+    for (int64_t i = 0; i < n * H; ++i) x_.get()[i] += mix_.get()[i];
     stats_.mixer_ms += ms_since(t0);
-    cpu::rmsnorm(x_.data(), w.post_norm, 1.0f, c_.rms_norm_eps, H, h_.data());
-    moe(l, h_.data(), moe_out_.data());
-    for (int i = 0; i < H; ++i) x_[size_t(i)] += moe_out_[size_t(i)];
+    for (int64_t t = 0; t < n; ++t) cpu::rmsnorm(x_.get() + t * H, w.post_norm, 1.0f, c_.rms_norm_eps, H, h_.get() + t * H);
+    moe(l, n);
+    for (int64_t i = 0; i < n * H; ++i) x_.get()[i] += moe_.get()[i];
   }
-  ++pos_;
+  pos_ += n;
   if (logits) {
     auto t0 = Clock::now();
-    cpu::rmsnorm(x_.data(), final_norm_, 1.0f, c_.rms_norm_eps, H, h_.data());
-    mv(lm_head_, h_.data(), logits);
+    cpu::rmsnorm(x_.get() + (n - 1) * H, final_norm_, 1.0f, c_.rms_norm_eps, H, h_.get());
+    lin(lm_head_, h_.get(), 1, logits);
     stats_.lm_head_ms += ms_since(t0);
   }
-  ++stats_.tokens;
-  stats_.total_ms += ms_since(t_token);
+  stats_.tokens += uint64_t(n);
+  stats_.total_ms += ms_since(t_start);
 }
 
-void CpuEngine::full_attention(int layer, const float* h, float* out) {
+void CpuEngine::full_attention(int layer, int64_t n) {
   const LayerWeights& w = layers_[size_t(layer)];
   const int nh = c_.num_heads, nkv = c_.num_kv_heads, hd = c_.head_dim;
-  const int64_t kv_dim = int64_t(nkv) * hd;
-  float* qg = a_.data();  // [nh, 2*hd]: query then output gate, per head
-  mv(w.q_proj, h, qg);
-  float* q = d_.data();
-  for (int i = 0; i < nh; ++i) {
-    cpu::rmsnorm(qg + int64_t(i) * 2 * hd, w.q_norm, 1.0f, c_.rms_norm_eps, hd, q + int64_t(i) * hd);
-  }
-  cpu::rope(q, nh, hd, c_.rotary_dim, inv_freq_.data(), pos_);
+  const int64_t kv_dim = int64_t(nkv) * hd, row = 2 * kv_dim;
+  const int group = nh / nkv;
+  lin(w.q_proj, h_.get(), n, a_.get());  // [n, nh, 2*hd]: query then output gate, per head
+  lin(w.k_proj, h_.get(), n, b_.get());
+  lin(w.v_proj, h_.get(), n, c_buf_.get());
 
   std::vector<float>& kv = kv_[size_t(layer)];
-  kv.resize(size_t(pos_ + 1) * size_t(2 * kv_dim));  // amortized growth; one row of K then V per position
-  float* k = kv.data() + pos_ * 2 * kv_dim;
-  float* v = k + kv_dim;
-  mv(w.k_proj, h, b_.data());
-  for (int i = 0; i < nkv; ++i)
-    cpu::rmsnorm(b_.data() + int64_t(i) * hd, w.k_norm, 1.0f, c_.rms_norm_eps, hd, k + int64_t(i) * hd);
-  cpu::rope(k, nkv, hd, c_.rotary_dim, inv_freq_.data(), pos_);
-  mv(w.v_proj, h, v);
-
-  const int64_t len = pos_ + 1;
-  if (scores_.size() < size_t(nh * len)) scores_.resize(size_t(nh * len) * 2);
-  float* attn = c_buf_.data();
-  cpu::attention(q, kv.data(), kv.data() + kv_dim, 2 * kv_dim, len, nh, nkv, hd, scores_.data(), attn, pool_);
-  for (int i = 0; i < nh; ++i)
-    for (int j = 0; j < hd; ++j) attn[i * hd + j] *= cpu::sigmoid(qg[int64_t(i) * 2 * hd + hd + j]);
-  mv(w.o_proj, attn, out);
+  kv.resize(size_t((pos_ + n) * row));  // amortized growth
+  const int64_t q_width = 2 * int64_t(nh) * hd;
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t pos = pos_ + t;
+    const float* qg = a_.get() + t * q_width;
+    float* q = d_.get() + t * nh * hd;
+    for (int i = 0; i < nh; ++i)
+      cpu::rmsnorm(qg + int64_t(i) * 2 * hd, w.q_norm, 1.0f, c_.rms_norm_eps, hd, q + int64_t(i) * hd);
+    cpu::rope(q, nh, hd, c_.rotary_dim, inv_freq_.data(), pos);
+    float* k = kv.data() + pos * row;
+    for (int i = 0; i < nkv; ++i)
+      cpu::rmsnorm(b_.get() + t * kv_dim + i * hd, w.k_norm, 1.0f, c_.rms_norm_eps, hd, k + int64_t(i) * hd);
+    cpu::rope(k, nkv, hd, c_.rotary_dim, inv_freq_.data(), pos);
+    std::copy(c_buf_.get() + t * kv_dim, c_buf_.get() + (t + 1) * kv_dim, k + kv_dim);
+  }
+  // token t of the batch sees positions 0..pos_+t (causal); one task per (token, head)
+  float* attn = c_buf_.get();  // v is in the cache now; reuse its buffer for the output [n, nh*hd]
+  pool_.parallel_for(n * nh, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i / nh, h = i % nh;
+      const float* kh = kv.data() + (h / group) * hd;
+      cpu::attend(d_.get() + (t * nh + h) * hd, kh, kh + kv_dim, row, pos_ + t + 1, hd, attn + (t * nh + h) * hd);
+    }
+  });
+  for (int64_t t = 0; t < n; ++t)
+    for (int i = 0; i < nh; ++i)
+      for (int j = 0; j < hd; ++j) attn[(t * nh + i) * hd + j] *= cpu::sigmoid(a_.get()[t * q_width + (2 * i + 1) * hd + j]);
+  lin(w.o_proj, attn, n, mix_.get());
 }
 
-void CpuEngine::linear_attention(int layer, const float* h, float* out) {
+void CpuEngine::linear_attention(int layer, int64_t n) {
   const LayerWeights& w = layers_[size_t(layer)];
   const int nk = c_.lin_num_key_heads, nv = c_.lin_num_value_heads;
   const int dk = c_.lin_key_head_dim, dv = c_.lin_value_head_dim, K = c_.conv_kernel;
   const int kd = nk * dk, vd = nv * dv, ch = 2 * kd + vd;
-  float* mixed = a_.data();  // [q | k | v] before the conv
-  float* z = b_.data();      // [nv, dv] output gate
-  float* qkv = c_buf_.data();
-  mv(w.in_qkv, h, mixed);
-  mv(w.in_z, h, z);
-  float* beta = gates_.data();
-  float* g = gates_.data() + nv;
-  mv(w.in_b, h, beta);
-  mv(w.in_a, h, g);
-  for (int j = 0; j < nv; ++j) {
-    beta[j] = cpu::sigmoid(beta[j]);
-    g[j] = std::exp(-std::exp(w.a_log[j]) * cpu::softplus(g[j] + w.dt_bias[j]));  // decay e^g
-  }
+  lin(w.in_qkv, h_.get(), n, a_.get());  // [n, q | k | v] before the conv
+  lin(w.in_z, h_.get(), n, b_.get());    // [n, nv, dv] output gate
+  lin(w.in_b, h_.get(), n, probs_.get());  // [n, nv]
+  lin(w.in_a, h_.get(), n, d_.get());      // [n, nv]
 
-  // Causal depthwise conv over the last K pre-conv inputs (state holds K-1, oldest first), SiLU.
   std::vector<float>& conv = conv_[size_t(layer)];
-  for (int c = 0; c < ch; ++c) {
-    const float* wc = w.conv_w + int64_t(c) * K;
-    float acc = wc[K - 1] * mixed[c];
-    for (int t = 0; t < K - 1; ++t) acc += wc[t] * conv[size_t(t) * ch + c];
-    qkv[c] = cpu::silu(acc);
-  }
-  if (K > 1) {
-    std::move(conv.begin() + ch, conv.end(), conv.begin());
-    std::copy(mixed, mixed + ch, conv.end() - ch);
+  for (int64_t t = 0; t < n; ++t) {
+    const float* mixed = a_.get() + t * ch;
+    float* qkv = c_buf_.get() + t * ch;
+    // causal depthwise conv over the last K pre-conv inputs (state holds K-1, oldest first), SiLU
+    for (int c = 0; c < ch; ++c) {
+      const float* wc = w.conv_w + int64_t(c) * K;
+      float acc = wc[K - 1] * mixed[c];
+      for (int s = 0; s < K - 1; ++s) acc += wc[s] * conv[size_t(s) * ch + c];
+      qkv[c] = cpu::silu(acc);
+    }
+    if (K > 1) {
+      std::move(conv.begin() + ch, conv.end(), conv.begin());
+      std::copy(mixed, mixed + ch, conv.end() - ch);
+    }
+    // L2-normalise q and k per key head (eps inside the sqrt); q also scaled by dk^-1/2
+    for (int i = 0; i < nk; ++i) {
+      float* qi = qkv + i * dk;
+      float* ki = qkv + kd + i * dk;
+      float sq = 0, sk = 0;
+      for (int d = 0; d < dk; ++d) sq += qi[d] * qi[d], sk += ki[d] * ki[d];
+      const float iq = 1.0f / std::sqrt(sq + 1e-6f) / std::sqrt(float(dk));
+      const float ik = 1.0f / std::sqrt(sk + 1e-6f);
+      for (int d = 0; d < dk; ++d) qi[d] *= iq, ki[d] *= ik;
+    }
+    float* beta = gates_.get() + t * 2 * nv;
+    float* decay = beta + nv;
+    for (int j = 0; j < nv; ++j) {
+      beta[j] = cpu::sigmoid(probs_.get()[t * nv + j]);
+      decay[j] = std::exp(-std::exp(w.a_log[j]) * cpu::softplus(d_.get()[t * nv + j] + w.dt_bias[j]));
+    }
   }
 
-  // L2-normalise q and k per key head (eps inside the sqrt); q also scaled by dk^-1/2.
-  float* q = qkv;
-  float* k = qkv + kd;
-  const float* v = qkv + 2 * kd;
-  for (int i = 0; i < nk; ++i) {
-    float* qi = q + i * dk;
-    float* ki = k + i * dk;
-    float sq = 0, sk = 0;
-    for (int d = 0; d < dk; ++d) sq += qi[d] * qi[d], sk += ki[d] * ki[d];
-    const float iq = 1.0f / std::sqrt(sq + 1e-6f) / std::sqrt(float(dk));
-    const float ik = 1.0f / std::sqrt(sk + 1e-6f);
-    for (int d = 0; d < dk; ++d) qi[d] *= iq, ki[d] *= ik;
-  }
-
-  // Per value head j (key head j / (nv/nk)): S = e^g S; S += k (beta (v - S^T k))^T; o = S^T q;
-  // then rms(o) * w * silu(z).
-  float* o = d_.data();
+  // Per value head j (key head j / (nv/nk)), token by token: S = e^g S; S += k (beta (v - S^T k))^T;
+  // o = S^T q; then rms(o) * w * silu(z). One task per head keeps its state in cache for the batch.
   float* S_all = ssm_[size_t(layer)].data();
+  float* o_all = d_.get();  // [n, vd]; in_proj_a's output was consumed above
   const int ratio = nv / nk;
   pool_.parallel_for(nv, 1, [&](int64_t j0, int64_t j1) {
     std::vector<float> delta(static_cast<size_t>(dv));
     for (int64_t j = j0; j < j1; ++j) {
       float* S = S_all + j * dk * dv;
-      const float* qj = q + (j / ratio) * dk;
-      const float* kj = k + (j / ratio) * dk;
-      const float* vj = v + j * dv;
-      const float decay = g[j];
-      std::fill(delta.begin(), delta.end(), 0.0f);
-      for (int a = 0; a < dk; ++a) {
-        float* row = S + int64_t(a) * dv;
-        for (int b = 0; b < dv; ++b) {
-          row[b] *= decay;
-          delta[size_t(b)] += row[b] * kj[a];
+      for (int64_t t = 0; t < n; ++t) {
+        const float* qkv = c_buf_.get() + t * ch;
+        const float* qj = qkv + (j / ratio) * dk;
+        const float* kj = qkv + kd + (j / ratio) * dk;
+        const float* vj = qkv + 2 * kd + j * dv;
+        const float beta = gates_.get()[t * 2 * nv + j], decay = gates_.get()[t * 2 * nv + nv + j];
+        std::fill(delta.begin(), delta.end(), 0.0f);
+        for (int a = 0; a < dk; ++a) {
+          float* srow = S + int64_t(a) * dv;
+          for (int b = 0; b < dv; ++b) {
+            srow[b] *= decay;
+            delta[size_t(b)] += srow[b] * kj[a];
+          }
         }
-      }
-      for (int b = 0; b < dv; ++b) delta[size_t(b)] = beta[j] * (vj[b] - delta[size_t(b)]);
-      float* oj = o + j * dv;
-      std::fill(oj, oj + dv, 0.0f);
-      for (int a = 0; a < dk; ++a) {
-        float* row = S + int64_t(a) * dv;
-        for (int b = 0; b < dv; ++b) {
-          row[b] += kj[a] * delta[size_t(b)];
-          oj[b] += row[b] * qj[a];
+        for (int b = 0; b < dv; ++b) delta[size_t(b)] = beta * (vj[b] - delta[size_t(b)]);
+        float* oj = o_all + t * vd + j * dv;
+        std::fill(oj, oj + dv, 0.0f);
+        for (int a = 0; a < dk; ++a) {
+          float* srow = S + int64_t(a) * dv;
+          for (int b = 0; b < dv; ++b) {
+            srow[b] += kj[a] * delta[size_t(b)];
+            oj[b] += srow[b] * qj[a];
+          }
         }
+        cpu::rmsnorm(oj, w.out_norm, 0.0f, c_.rms_norm_eps, dv, oj);
+        const float* zj = b_.get() + t * vd + j * dv;
+        for (int b = 0; b < dv; ++b) oj[b] *= cpu::silu(zj[b]);
       }
-      cpu::rmsnorm(oj, w.out_norm, 0.0f, c_.rms_norm_eps, dv, oj);
-      const float* zj = z + j * dv;
-      for (int b = 0; b < dv; ++b) oj[b] *= cpu::silu(zj[b]);
     }
   });
-  mv(w.out_proj, o, out);
+  lin(w.out_proj, o_all, n, mix_.get());
 }
 
-void CpuEngine::moe(int layer, const float* h, float* out) {
+void CpuEngine::swiglu(const Matrix& gate, const Matrix& up, const Matrix& down, const float* x, int64_t n,
+                       float* y) {
+  const int64_t inter = gate.rows;
+  float* g = a_.get();
+  float* u = b_.get();
+  lin(gate, x, n, g);
+  lin(up, x, n, u);
+  for (int64_t i = 0; i < n * inter; ++i) g[i] = cpu::silu(g[i]) * u[i];
+  lin(down, g, n, y);
+}
+
+void CpuEngine::moe(int layer, int64_t n) {
   const LayerWeights& w = layers_[size_t(layer)];
-  const int H = c_.hidden_size;
+  const int H = c_.hidden_size, E = c_.num_experts;
   auto t0 = Clock::now();
-  mv(w.router, h, probs_.data());
-  cpu::softmax(probs_.data(), c_.num_experts);
-  cpu::top_k(probs_.data(), c_.num_experts, k_, expert_idx_.data());
-  float wsum = 0.0f;
-  for (int i = 0; i < k_; ++i) wsum += (expert_w_[size_t(i)] = probs_[size_t(expert_idx_[size_t(i)])]);
-  if (c_.norm_topk_prob)
-    for (int i = 0; i < k_; ++i) expert_w_[size_t(i)] /= wsum;
-  for (int i = 0; i < k_; ++i) store_.start(i, layer, expert_idx_[size_t(i)]);
+  lin(w.router, h_.get(), n, probs_.get());
+  // per token: softmax over experts, top-K, renormalise; then the batch's experts in first-use order
+  std::vector<std::vector<std::pair<int, float>>> users(static_cast<size_t>(E));  // expert -> (token, weight)
+  std::vector<int> order;
+  for (int64_t t = 0; t < n; ++t) {
+    float* p = probs_.get() + t * E;
+    cpu::softmax(p, E);
+    int* idx = expert_idx_.data() + t * k_;
+    cpu::top_k(p, E, k_, idx);
+    float sum = 0.0f;
+    for (int i = 0; i < k_; ++i) sum += p[idx[i]];
+    for (int i = 0; i < k_; ++i) {
+      const float wgt = c_.norm_topk_prob ? p[idx[i]] / sum : p[idx[i]];
+      if (users[size_t(idx[i])].empty()) order.push_back(idx[i]);
+      users[size_t(idx[i])].push_back({int(t), wgt});
+    }
+  }
+  const int slots = store_.slots();
+  const int64_t unique = int64_t(order.size());
+  for (int64_t i = 0; i < std::min<int64_t>(unique, slots); ++i) store_.start(int(i), layer, order[size_t(i)]);
   stats_.router_ms += ms_since(t0);
 
-  // Shared expert while the routed experts are read.
+  // shared expert while the routed experts are read
   t0 = Clock::now();
-  float* gate = a_.data();
-  float* up = b_.data();
-  float* y = c_buf_.data();
-  auto swiglu_expert = [&](const Matrix& g, const Matrix& u, const Matrix& d) {
-    mv(g, h, gate);
-    mv(u, h, up);
-    for (int64_t i = 0; i < g.rows; ++i) gate[i] = cpu::silu(gate[i]) * up[i];
-    mv(d, gate, y);
-  };
-  float shared_scale;
-  mv(w.shared_gate, h, &shared_scale);
-  shared_scale = cpu::sigmoid(shared_scale);
-  swiglu_expert(w.shared_gate_proj, w.shared_up_proj, w.shared_down_proj);
-  for (int i = 0; i < H; ++i) out[i] = shared_scale * y[i];
+  float* out = moe_.get();
+  swiglu(w.shared_gate_proj, w.shared_up_proj, w.shared_down_proj, h_.get(), n, out);
+  float* gate = probs_.get();  // router probabilities are consumed
+  lin(w.shared_gate, h_.get(), n, gate);
+  for (int64_t t = 0; t < n; ++t) {
+    const float s = cpu::sigmoid(gate[t]);
+    for (int i = 0; i < H; ++i) out[t * H + i] *= s;
+  }
   stats_.expert_compute_ms += ms_since(t0);
 
   const ExpertLayout& L = model_.experts();
-  for (int s = 0; s < k_; ++s) {
+  float* xe = c_buf_.get();  // [n_e, H] inputs of one expert's tokens
+  float* ye = d_.get();      // [n_e, H] its outputs
+  for (int64_t i = 0; i < unique; ++i) {
+    const int slot = int(i % slots);
     t0 = Clock::now();
-    const uint8_t* block = store_.wait(s);
+    const uint8_t* block = store_.wait(slot);
     stats_.expert_io_wait_ms += ms_since(t0);
     t0 = Clock::now();
-    swiglu_expert(matrix_at(block, L.gate), matrix_at(block, L.up), matrix_at(block, L.down));
-    const float ew = expert_w_[size_t(s)];
-    for (int i = 0; i < H; ++i) out[i] += ew * y[i];
+    const auto& tokens = users[size_t(order[size_t(i)])];
+    const int64_t ne = int64_t(tokens.size());
+    for (int64_t r = 0; r < ne; ++r) {
+      const float* src = h_.get() + int64_t(tokens[size_t(r)].first) * H;
+      std::copy(src, src + H, xe + r * H);
+    }
+    swiglu(matrix_at(block, L.gate), matrix_at(block, L.up), matrix_at(block, L.down), xe, ne, ye);
+    if (i + slots < unique) store_.start(slot, layer, order[size_t(i + slots)]);  // slot's block is consumed
+    for (int64_t r = 0; r < ne; ++r) {
+      const auto [t, wgt] = tokens[size_t(r)];
+      for (int j = 0; j < H; ++j) out[int64_t(t) * H + j] += wgt * ye[r * H + j];
+    }
     stats_.expert_compute_ms += ms_since(t0);
   }
 }

@@ -55,34 +55,27 @@ void rope(float* v, int heads, int head_dim, int rotary_dim, const float* inv_fr
   }
 }
 
-void attention(const float* q, const float* k_cache, const float* v_cache, int64_t stride,
-               int64_t len, int nh, int nkv, int hd, float* scores, float* out, ThreadPool& pool) {
-  const int group = nh / nkv;
+void attend(const float* q, const float* k, const float* v, int64_t stride, int64_t len, int hd, float* out) {
   const float scale = 1.0f / std::sqrt(float(hd));
-  pool.parallel_for(nh, 1, [&](int64_t h0, int64_t h1) {
-    for (int64_t h = h0; h < h1; ++h) {
-      const float* qh = q + h * hd;
-      const int64_t kv = h / group;
-      float* sc = scores + h * len;
-      float mx = -INFINITY;
-      for (int64_t t = 0; t < len; ++t) {
-        const float* k = k_cache + t * stride + kv * hd;
-        float d = 0.0f;
-        for (int i = 0; i < hd; ++i) d += qh[i] * k[i];
-        sc[t] = d * scale;
-        mx = std::max(mx, sc[t]);
-      }
-      float sum = 0.0f;
-      for (int64_t t = 0; t < len; ++t) sum += (sc[t] = std::exp(sc[t] - mx));
-      float* o = out + h * hd;
-      std::fill(o, o + hd, 0.0f);
-      for (int64_t t = 0; t < len; ++t) {
-        const float* v = v_cache + t * stride + kv * hd;
-        const float p = sc[t] / sum;
-        for (int i = 0; i < hd; ++i) o[i] += p * v[i];
-      }
+  float m = -INFINITY, l = 0.0f;
+  std::fill(out, out + hd, 0.0f);
+  for (int64_t t = 0; t < len; ++t) {
+    const float* kt = k + t * stride;
+    float d = 0.0f;
+    for (int i = 0; i < hd; ++i) d += q[i] * kt[i];
+    d *= scale;
+    const float* vt = v + t * stride;
+    if (d > m) {  // rescale what was accumulated against the old maximum
+      const float c = std::exp(m - d);
+      l *= c;
+      for (int i = 0; i < hd; ++i) out[i] *= c;
+      m = d;
     }
-  });
+    const float p = std::exp(d - m);
+    l += p;
+    for (int i = 0; i < hd; ++i) out[i] += p * vt[i];
+  }
+  for (int i = 0; i < hd; ++i) out[i] /= l;
 }
 
 void softmax(float* x, int n) {

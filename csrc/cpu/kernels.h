@@ -18,22 +18,23 @@ inline float bf16_to_f32(uint16_t v) {
 // Which SIMD path the matvec kernels take on this CPU ("avx512", "avx2", "generic").
 const char* simd_path();
 
-// Scratch the quantized kernels need per input vector: x laid out for the kernel (at most 4 bytes
-// per column), its per-group fixed-point scales, and per-group sums of x (the bias term is
-// sum_g bias_g * sum(x_g)). Sized for the widest input.
-struct MatvecScratch {
-  explicit MatvecScratch(int64_t max_cols);
+// Scratch the quantized kernels need for up to max_tokens inputs of up to max_cols: each token's
+// x laid out for the kernel (at most 4 bytes per column), its per-group fixed-point scales, and
+// per-group sums of x (the bias term is sum_g bias_g * sum(x_g)).
+struct LinearScratch {
+  LinearScratch(int64_t max_tokens, int64_t max_cols);
+  ~LinearScratch();
+  LinearScratch(const LinearScratch&) = delete;
+  LinearScratch& operator=(const LinearScratch&) = delete;
+  int64_t max_tokens, max_cols;
   float* x_prep;
   float* group_sums;
   float* x_scale;
-  ~MatvecScratch();
-  MatvecScratch(const MatvecScratch&) = delete;
-  MatvecScratch& operator=(const MatvecScratch&) = delete;
 };
 
-// y[rows] = W[rows, cols] x[cols], accumulated in fp32, rows split across the pool.
+// y[n, rows] = x[n, cols] W[rows, cols]^T, accumulated in fp32, rows split across the pool.
 // Quantized rows use sum_g(scale_g * dot(q_g, x_g) + bias_g * sum(x_g)).
-void matvec(const Matrix& w, const float* x, float* y, MatvecScratch& scratch, ThreadPool& pool);
+void linear(const Matrix& w, const float* x, int64_t n, float* y, LinearScratch& scratch, ThreadPool& pool);
 
 // Row `row` of W widened to fp32 (embedding lookup).
 void dequant_row(const Matrix& w, int64_t row, float* out);
@@ -45,11 +46,10 @@ void rmsnorm(const float* x, const float* w, float offset, float eps, int n, flo
 // inv_freq has rotary_dim/2 entries.
 void rope(float* v, int heads, int head_dim, int rotary_dim, const float* inv_freq, int64_t pos);
 
-// Causal attention of one query over `len` cached positions with grouped KV heads.
-// q [nh, hd]; position t's keys [nkv, hd] start at k_cache + t*stride, values at v_cache + t*stride;
-// out [nh, hd]. scores scratch needs nh*len floats.
-void attention(const float* q, const float* k_cache, const float* v_cache, int64_t stride,
-               int64_t len, int nh, int nkv, int hd, float* scores, float* out, ThreadPool& pool);
+// One query head against `len` cached positions: softmax(q.k / sqrt(hd)) v in one pass (running
+// max and sum), so no score buffer grows with the context. Position t's key starts at
+// k + t*stride, its value at v + t*stride. out [hd].
+void attend(const float* q, const float* k, const float* v, int64_t stride, int64_t len, int hd, float* out);
 
 inline float silu(float x) { return x / (1.0f + __builtin_expf(-x)); }
 inline float sigmoid(float x) { return 1.0f / (1.0f + __builtin_expf(-x)); }

@@ -55,6 +55,7 @@ class Engine:
         threads: int | None = None,
         max_context: int | None = None,
         direct_io: bool = False,
+        prefill_chunk: int | None = None,
     ) -> None:
         self.path = Path(path)
         self.manifest: dict[str, Any] = load_manifest(self.path)
@@ -66,6 +67,7 @@ class Engine:
             threads=_positive_or_none("threads", threads),
             max_context=_positive_or_none("max_context", max_context),
             direct_io=bool(direct_io),
+            prefill_chunk=_positive_or_none("prefill_chunk", prefill_chunk),
         )
 
     @property
@@ -100,7 +102,11 @@ class Engine:
         return self._native.step(int(token))
 
     def prefill(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Run a prompt; returns the logits of its last token."""
+        """Run a prompt in chunks of `prefill_chunk` tokens; returns the logits of its last token.
+
+        Each chunk's projections are matrix products, and every expert any of its tokens routes
+        to is read once per chunk. The state afterwards equals stepping the tokens one by one.
+        """
         ids = np.asarray(tokens)
         if ids.ndim != 1 or ids.size == 0:
             raise ValueError("prefill needs a non-empty 1-D sequence of token ids")

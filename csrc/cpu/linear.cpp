@@ -1,0 +1,374 @@
+// y = x W^T for n input rows (n = 1 when decoding, a prompt chunk when prefilling), W in bf16 or
+// group-affine q8/q4. One kernel per (dtype, ISA, token tile); the ISA is picked once at run time,
+// so one build runs on any x86-64 and on arm64. Rows of W are split across the pool; each thread
+// runs every token tile against a row while the row is in L1, so W is read from memory once per
+// call whatever n is.
+//
+// Quantized rows use y = sum_g(scale_g * dot(q_g, x_g) + bias_g * sum(x_g)). The x86 kernels take
+// x per group of 64 as 16-bit fixed point (x_g ~ xs_g * xi_g, xs_g = max|x_g| / 32767, error below
+// 2^-16 of the group's largest element) so each dot is exact integer multiply-adds (pmaddwd) of
+// codes and xi; only the per-group results are scaled in fp32. The portable kernels stay in fp32.
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+
+#include "cpu/kernels.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define FM_X86 1
+#endif
+
+namespace fm::cpu {
+namespace {
+
+// How a kernel wants each token's x laid out in scratch, per group of 64 columns:
+//   F32Nibble: fp32, x's even columns then its odd columns (low nibbles hold even columns)
+//   F32:       fp32 as is
+//   I16Nibble: int16, even then odd columns, plus one fp32 scale per group
+//   I16:       int16 as is, plus one fp32 scale per group
+enum class XLayout { F32Nibble, F32, I16Nibble, I16 };
+
+// A tile of NT tokens against one quantized row: out[t] = sum_g(scale_g * [xs_tg *] dot(q_g, x_tg)).
+// Token t's prepared x starts at x + t * x_stride elements, its group scales at xs + t * groups.
+// The caller adds the bias term.
+using TileQ = void (*)(const uint8_t* q, const uint16_t* scales, const void* x, const float* xs,
+                       int64_t x_stride, int64_t groups, float* out);
+using RowBf16 = float (*)(const uint16_t* w, const float* x, int64_t cols);
+
+template <int NT>
+void tile_q4_generic(const uint8_t* q0, const uint16_t* scales, const void* xv, const float*,
+                     int64_t x_stride, int64_t groups, float* out) {
+  for (int t = 0; t < NT; ++t) {
+    const float* x = static_cast<const float*>(xv) + t * x_stride;
+    const uint8_t* q = q0;
+    float acc = 0.0f;
+    for (int64_t g = 0; g < groups; ++g, q += 32, x += 64) {
+      float d = 0.0f;
+      for (int i = 0; i < 32; ++i) d += float(q[i] & 15) * x[i] + float(q[i] >> 4) * x[32 + i];
+      acc += bf16_to_f32(scales[g]) * d;
+    }
+    out[t] = acc;
+  }
+}
+
+template <int NT>
+void tile_q8_generic(const uint8_t* q0, const uint16_t* scales, const void* xv, const float*,
+                     int64_t x_stride, int64_t groups, float* out) {
+  for (int t = 0; t < NT; ++t) {
+    const float* x = static_cast<const float*>(xv) + t * x_stride;
+    const uint8_t* q = q0;
+    float acc = 0.0f;
+    for (int64_t g = 0; g < groups; ++g, q += 64, x += 64) {
+      float d = 0.0f;
+      for (int i = 0; i < 64; ++i) d += float(q[i]) * x[i];
+      acc += bf16_to_f32(scales[g]) * d;
+    }
+    out[t] = acc;
+  }
+}
+
+float row_bf16_generic(const uint16_t* w, const float* x, int64_t cols) {
+  float acc = 0.0f;
+  for (int64_t c = 0; c < cols; ++c) acc += bf16_to_f32(w[c]) * x[c];
+  return acc;
+}
+
+#if FM_X86
+#define FM_AVX2 __attribute__((target("avx2,fma")))
+#define FM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+
+FM_AVX2 inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+FM_AVX2 inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+FM_AVX2 inline __m256i widen16(const uint8_t* p) {
+  return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+template <int NT>
+FM_AVX2 void tile_q4_avx2(const uint8_t* q, const uint16_t* scales, const void* xv, const float* xs,
+                          int64_t x_stride, int64_t groups, float* out) {
+  const int16_t* x = static_cast<const int16_t*>(xv);
+  const __m256i low4 = _mm256_set1_epi16(15);
+  __m256 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g, q += 32) {
+    const __m256i w0 = widen16(q), w1 = widen16(q + 16);
+    const __m256i l0 = _mm256_and_si256(w0, low4), l1 = _mm256_and_si256(w1, low4);
+    const __m256i h0 = _mm256_srli_epi16(w0, 4), h1 = _mm256_srli_epi16(w1, 4);
+    const float s = bf16_to_f32(scales[g]);
+    for (int t = 0; t < NT; ++t) {
+      const int16_t* xt = x + t * x_stride + g * 64;
+      __m256i d = _mm256_add_epi32(_mm256_madd_epi16(l0, load256(xt)), _mm256_madd_epi16(l1, load256(xt + 16)));
+      d = _mm256_add_epi32(d, _mm256_add_epi32(_mm256_madd_epi16(h0, load256(xt + 32)),
+                                               _mm256_madd_epi16(h1, load256(xt + 48))));
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(s * xs[t * groups + g]), acc[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = hsum256(acc[t]);
+}
+
+template <int NT>
+FM_AVX2 void tile_q8_avx2(const uint8_t* q, const uint16_t* scales, const void* xv, const float* xs,
+                          int64_t x_stride, int64_t groups, float* out) {
+  const int16_t* x = static_cast<const int16_t*>(xv);
+  __m256 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g, q += 64) {
+    const __m256i w0 = widen16(q), w1 = widen16(q + 16), w2 = widen16(q + 32), w3 = widen16(q + 48);
+    const float s = bf16_to_f32(scales[g]);
+    for (int t = 0; t < NT; ++t) {
+      const int16_t* xt = x + t * x_stride + g * 64;
+      __m256i d = _mm256_add_epi32(_mm256_madd_epi16(w0, load256(xt)), _mm256_madd_epi16(w1, load256(xt + 16)));
+      d = _mm256_add_epi32(d, _mm256_add_epi32(_mm256_madd_epi16(w2, load256(xt + 32)),
+                                               _mm256_madd_epi16(w3, load256(xt + 48))));
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(s * xs[t * groups + g]), acc[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = hsum256(acc[t]);
+}
+
+FM_AVX2 float row_bf16_avx2(const uint16_t* w, const float* x, int64_t cols) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 16 <= cols; c += 16) {
+    __m256i a = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c)));
+    __m256i b = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c + 8)));
+    acc0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(a, 16)), _mm256_loadu_ps(x + c), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(b, 16)), _mm256_loadu_ps(x + c + 8), acc1);
+  }
+  float acc = hsum256(_mm256_add_ps(acc0, acc1));
+  for (; c < cols; ++c) acc += bf16_to_f32(w[c]) * x[c];
+  return acc;
+}
+
+FM_AVX512 inline __m512i load512(const void* p) { return _mm512_loadu_si512(p); }
+FM_AVX512 inline __m512i widen32(const uint8_t* p) {
+  return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <int NT>
+FM_AVX512 __attribute__((always_inline)) inline void q4_group_avx512(const uint8_t* q, float s, const int16_t* x, const float* xs,
+                                      int64_t x_stride, int64_t groups, int64_t g, __m512* acc) {
+  const __m512i w = widen32(q);
+  const __m512i lo = _mm512_and_si512(w, _mm512_set1_epi16(15)), hi = _mm512_srli_epi16(w, 4);
+  for (int t = 0; t < NT; ++t) {
+    const int16_t* xt = x + t * x_stride + g * 64;
+    const __m512i d = _mm512_add_epi32(_mm512_madd_epi16(lo, load512(xt)), _mm512_madd_epi16(hi, load512(xt + 32)));
+    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(s * xs[t * groups + g]), acc[t]);
+  }
+}
+
+template <int NT>
+FM_AVX512 void tile_q4_avx512(const uint8_t* q, const uint16_t* scales, const void* xv, const float* xs,
+                              int64_t x_stride, int64_t groups, float* out) {
+  const int16_t* x = static_cast<const int16_t*>(xv);
+  // two accumulators per token so consecutive groups do not wait on one FMA chain
+  __m512 acc0[NT], acc1[NT];
+  for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = _mm512_setzero_ps();
+  int64_t g = 0;
+  for (; g + 2 <= groups; g += 2) {
+    q4_group_avx512<NT>(q + g * 32, bf16_to_f32(scales[g]), x, xs, x_stride, groups, g, acc0);
+    q4_group_avx512<NT>(q + g * 32 + 32, bf16_to_f32(scales[g + 1]), x, xs, x_stride, groups, g + 1, acc1);
+  }
+  if (g < groups) q4_group_avx512<NT>(q + g * 32, bf16_to_f32(scales[g]), x, xs, x_stride, groups, g, acc0);
+  for (int t = 0; t < NT; ++t) out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[t], acc1[t]));
+}
+
+template <int NT>
+FM_AVX512 void tile_q8_avx512(const uint8_t* q, const uint16_t* scales, const void* xv, const float* xs,
+                              int64_t x_stride, int64_t groups, float* out) {
+  const int16_t* x = static_cast<const int16_t*>(xv);
+  __m512 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g, q += 64) {
+    const __m512i w0 = widen32(q), w1 = widen32(q + 32);
+    const float s = bf16_to_f32(scales[g]);
+    for (int t = 0; t < NT; ++t) {
+      const int16_t* xt = x + t * x_stride + g * 64;
+      const __m512i d = _mm512_add_epi32(_mm512_madd_epi16(w0, load512(xt)), _mm512_madd_epi16(w1, load512(xt + 32)));
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(s * xs[t * groups + g]), acc[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = _mm512_reduce_add_ps(acc[t]);
+}
+
+FM_AVX512 float row_bf16_avx512(const uint16_t* w, const float* x, int64_t cols) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 32 <= cols; c += 32) {
+    __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c)));
+    __m512i b = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c + 16)));
+    acc0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(a, 16)), _mm512_loadu_ps(x + c), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(b, 16)), _mm512_loadu_ps(x + c + 16), acc1);
+  }
+  float acc = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  for (; c < cols; ++c) acc += bf16_to_f32(w[c]) * x[c];
+  return acc;
+}
+#endif
+
+// Token tiles of 8, 4, 2 and 1 (index 3, 2, 1, 0).
+struct QKernel {
+  TileQ tile[4];
+  XLayout layout;
+};
+#define FM_TILES(fn) {fn<1>, fn<2>, fn<4>, fn<8>}
+
+struct Kernels {
+  const char* name;
+  QKernel q4, q8;
+  RowBf16 bf16;
+};
+
+Kernels pick_kernels() {
+  // FLASHMOE_SIMD=avx512|avx2|generic caps the path (tests compare paths on one machine).
+  const char* cap = std::getenv("FLASHMOE_SIMD");
+  const std::string want = cap ? cap : "";
+  auto allowed = [&](const std::string& level) {
+    static const char* order[] = {"avx512", "avx2", "generic"};
+    int w = 0, l = 0;
+    for (int i = 0; i < 3; ++i) {
+      if (want == order[i]) w = i;
+      if (level == order[i]) l = i;
+    }
+    return l >= w;
+  };
+#if FM_X86
+  __builtin_cpu_init();
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx512 && allowed("avx512"))
+    return {"avx512", {FM_TILES(tile_q4_avx512), XLayout::I16Nibble}, {FM_TILES(tile_q8_avx512), XLayout::I16},
+            row_bf16_avx512};
+  if (avx2 && allowed("avx2"))
+    return {"avx2", {FM_TILES(tile_q4_avx2), XLayout::I16Nibble}, {FM_TILES(tile_q8_avx2), XLayout::I16},
+            row_bf16_avx2};
+#endif
+  (void)allowed;
+  return {"generic", {FM_TILES(tile_q4_generic), XLayout::F32Nibble}, {FM_TILES(tile_q8_generic), XLayout::F32},
+          row_bf16_generic};
+}
+
+const Kernels& kernels() {
+  static const Kernels k = pick_kernels();
+  return k;
+}
+
+// Column of x that position i of a laid-out group of 64 holds.
+inline int source_column(bool nibble_order, int i) {
+  return nibble_order ? (i < 32 ? 2 * i : 2 * (i - 32) + 1) : i;
+}
+
+// Lays one token's x out for a kernel (see XLayout) at `out` (cols elements), scales at `xs`.
+void prepare_x(XLayout layout, const float* x, int64_t groups, float* out, float* xs) {
+  const bool nibble = layout == XLayout::F32Nibble || layout == XLayout::I16Nibble;
+  if (layout == XLayout::F32 || layout == XLayout::F32Nibble) {
+    for (int64_t g = 0; g < groups; ++g)
+      for (int i = 0; i < 64; ++i) out[g * 64 + i] = x[g * 64 + source_column(nibble, i)];
+    return;
+  }
+  int16_t* xi = reinterpret_cast<int16_t*>(out);
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* xg = x + g * 64;
+    float amax = 0.0f;
+    for (int i = 0; i < 64; ++i) amax = std::max(amax, std::fabs(xg[i]));
+    const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+    xs[g] = amax / 32767.0f;
+    for (int i = 0; i < 64; ++i) xi[g * 64 + i] = int16_t(std::lrint(xg[source_column(nibble, i)] * inv));
+  }
+}
+
+}  // namespace
+
+const char* simd_path() { return kernels().name; }
+
+LinearScratch::LinearScratch(int64_t max_tokens, int64_t max_cols)
+    : max_tokens(max_tokens), max_cols(max_cols) {
+  const size_t groups = size_t(max_cols / kGroupSize + 1) * size_t(max_tokens);
+  void *a = nullptr, *b = nullptr, *c = nullptr;
+  if (posix_memalign(&a, 64, size_t(max_tokens * max_cols) * 4) || posix_memalign(&b, 64, groups * 4) ||
+      posix_memalign(&c, 64, groups * 4))
+    throw std::bad_alloc();
+  x_prep = static_cast<float*>(a);
+  group_sums = static_cast<float*>(b);
+  x_scale = static_cast<float*>(c);
+}
+
+LinearScratch::~LinearScratch() {
+  std::free(x_prep);
+  std::free(group_sums);
+  std::free(x_scale);
+}
+
+void linear(const Matrix& w, const float* x, int64_t n, float* y, LinearScratch& scratch, ThreadPool& pool) {
+  const Kernels& k = kernels();
+  const int64_t rows = w.rows, cols = w.cols;
+  if (n > scratch.max_tokens || cols > scratch.max_cols)
+    throw std::logic_error("linear: scratch too small for this call");
+  // Enough rows per thread that a split pays for the wake-up (~64 KiB of weights).
+  const int64_t row_bytes = std::max<int64_t>(1, int64_t(w.nbytes / uint64_t(rows)));
+  const int64_t min_rows = std::max<int64_t>(1, (64 << 10) / row_bytes);
+
+  if (w.dtype == DType::BF16) {
+    auto base = reinterpret_cast<const uint16_t*>(w.data);
+    pool.parallel_for(rows, min_rows, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t t = 0; t < n; ++t) y[t * rows + r] = k.bf16(base + r * cols, x + t * cols, cols);
+    });
+    return;
+  }
+  if (w.dtype != DType::Q4 && w.dtype != DType::Q8)
+    throw std::invalid_argument("linear: f32 matrices are not stored by the format");
+
+  const int64_t groups = cols / kGroupSize;
+  const bool q4 = w.dtype == DType::Q4;
+  const QKernel& kern = q4 ? k.q4 : k.q8;
+  for (int64_t t = 0; t < n; ++t) {
+    const float* xt = x + t * cols;
+    float* sums = scratch.group_sums + t * groups;
+    for (int64_t g = 0; g < groups; ++g) {
+      float s = 0.0f;
+      for (int i = 0; i < kGroupSize; ++i) s += xt[g * kGroupSize + i];
+      sums[g] = s;
+    }
+    prepare_x(kern.layout, xt, groups, scratch.x_prep + t * cols, scratch.x_scale + t * groups);
+  }
+  const int64_t row_stride = q4 ? cols / 2 : cols;
+  // int16 layouts hold cols int16 per token in a cols-float slot: the stride in elements is the same
+  const int64_t x_stride = (kern.layout == XLayout::I16 || kern.layout == XLayout::I16Nibble) ? 2 * cols : cols;
+  const bool int16 = x_stride == 2 * cols;
+  pool.parallel_for(rows, min_rows, [&](int64_t r0, int64_t r1) {
+    float out[8];
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* q = w.data + r * row_stride;
+      const uint16_t* s = w.scales + r * groups;
+      const uint16_t* b = w.biases + r * groups;
+      for (int64_t t0 = 0; t0 < n;) {
+        const int64_t left = n - t0;
+        const int tile = left >= 8 ? 3 : left >= 4 ? 2 : left >= 2 ? 1 : 0;
+        const int nt = 1 << tile;
+        const void* xt = int16 ? static_cast<const void*>(reinterpret_cast<const int16_t*>(scratch.x_prep) + t0 * x_stride)
+                               : static_cast<const void*>(scratch.x_prep + t0 * cols);
+        kern.tile[tile](q, s, xt, scratch.x_scale + t0 * groups, x_stride, groups, out);
+        for (int i = 0; i < nt; ++i) {
+          const float* sums = scratch.group_sums + (t0 + i) * groups;
+          float bias_term = 0.0f;
+          for (int64_t g = 0; g < groups; ++g) bias_term += bf16_to_f32(b[g]) * sums[g];
+          y[(t0 + i) * rows + r] = out[i] + bias_term;
+        }
+        t0 += nt;
+      }
+    }
+  });
+}
+
+}  // namespace fm::cpu
