@@ -254,6 +254,26 @@ def test_interrupted_conversion_leaves_nothing(
     assert_nothing_at(out)
 
 
+def test_failure_in_a_parallel_expert_encoder_leaves_nothing(
+    tiny_models: TinyModels, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = 0
+    original = convert_mod.encode_expert_block
+
+    def failing_encode(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 20:
+            raise MemoryError("simulated")
+        return original(*args)
+
+    monkeypatch.setattr(convert_mod, "encode_expert_block", failing_encode)
+    out = tmp_path / "out"
+    with pytest.raises(MemoryError):
+        convert(tiny_models.checkpoint("B", "per_expert"), out, 8, progress=False)
+    assert_nothing_at(out)
+
+
 def test_failed_forced_conversion_keeps_the_previous_model(
     tiny_models: TinyModels, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

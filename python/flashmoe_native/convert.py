@@ -12,7 +12,9 @@ import json
 import os
 import shutil
 import sys
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -359,6 +361,24 @@ def read_layer_experts(
         yield e, parts, nbytes
 
 
+def encode_expert_block(
+    weights: dict[str, np.ndarray],
+    dtypes: dict[str, str],
+    parts: dict[str, dict[str, Any]],
+    block_stride: int,
+) -> tuple[np.ndarray, str]:
+    """One expert's gate, up and down encoded at their offsets in a zero-padded block, and the
+    block's xxh64."""
+    block = np.zeros(block_stride, dtype=np.uint8)
+    for name, w in weights.items():
+        encoded = fmt.encode_tensor(w, dtypes[name])
+        start = parts[name]["offset"]
+        block[start : start + encoded.size] = encoded
+    hasher = _core.Xxh64()
+    hasher.update_array(block)
+    return block, fmt.hex64(hasher.digest())
+
+
 def _is_replaceable(out: Path) -> bool:
     """--force may replace a previous conversion or an empty directory, nothing else."""
     if out.is_dir() and not out.is_symlink():
@@ -424,19 +444,29 @@ def convert(
 
             experts = HashingWriter(tmp / fmt.EXPERTS_FILE)
             block_hashes: list[str] = []
+
+            def write_block(job: Future[tuple[np.ndarray, str]], nbytes: int) -> None:
+                block, digest = job.result()
+                experts.write(block)
+                block_hashes.append(digest)
+                bar.advance(nbytes)
+
+            # reading stays in this thread (sequential I/O); quantizing and hashing an expert
+            # releases the GIL, so blocks are encoded in parallel and written back in order
+            workers = max(1, min(8, os.cpu_count() or 1))
             try:
-                for layer in range(config["num_hidden_layers"]):
-                    for _, weights_of, nbytes in read_layer_experts(source, layer):
-                        block = np.zeros(block_stride, dtype=np.uint8)
-                        for p, w in weights_of.items():
-                            encoded = fmt.encode_tensor(w, expert_dtypes[p])
-                            start = parts[p]["offset"]
-                            block[start : start + encoded.size] = encoded
-                        hasher = _core.Xxh64()
-                        hasher.update_array(block)
-                        block_hashes.append(fmt.hex64(hasher.digest()))
-                        experts.write(block)
-                        bar.advance(nbytes)
+                with ThreadPoolExecutor(workers) as pool:
+                    in_flight: deque[tuple[Future[tuple[np.ndarray, str]], int]] = deque()
+                    for layer in range(config["num_hidden_layers"]):
+                        for _, weights_of, nbytes in read_layer_experts(source, layer):
+                            job = pool.submit(
+                                encode_expert_block, weights_of, expert_dtypes, parts, block_stride
+                            )
+                            in_flight.append((job, nbytes))
+                            if len(in_flight) > 2 * workers:
+                                write_block(*in_flight.popleft())
+                    while in_flight:
+                        write_block(*in_flight.popleft())
             finally:
                 experts_entry = experts.close()
 

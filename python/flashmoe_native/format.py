@@ -163,14 +163,19 @@ def quantize(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     biases = f32_to_bf16(lo)
     scale = bf16_to_f32(scales)[:, :, None]
     bias = bf16_to_f32(biases)[:, :, None]
-    # where a group is constant, scale is 0: q = 0 reproduces it exactly through the bias
-    safe_scale = np.where(scale == 0, np.float32(1), scale)
-    q = np.rint((groups - bias) / safe_scale)
-    q = np.where(scale == 0, np.float32(0), np.clip(q, 0, levels)).astype(np.uint32)
-    per_word = 32 // bits
-    q = q.reshape(layout.rows, layout.words_per_row, per_word)
-    shifts = (np.arange(per_word, dtype=np.uint32) * np.uint32(bits))[None, None, :]
-    data = np.bitwise_or.reduce(q << shifts, axis=2).astype(np.uint32)
+    constant = scale == 0  # a constant group: q = 0 reproduces it exactly through the bias
+    # in place, one temporary: conversion time is dominated by this function
+    q = groups - bias
+    q /= np.where(constant, np.float32(1), scale)
+    np.rint(q, out=q)
+    np.clip(q, 0, levels, out=q)
+    q *= ~constant
+    q8 = q.astype(np.uint8).reshape(layout.rows, layout.cols)
+    if bits == 4:
+        # byte b holds column 2b in its low nibble and 2b + 1 in its high nibble
+        q8 = q8[:, 0::2] | (q8[:, 1::2] << 4)
+    # little-endian words: element j of a word sits at bits [bits*j, bits*j + bits)
+    data = np.ascontiguousarray(q8).view("<u4").astype(np.uint32, copy=False)
     return data, scales, biases
 
 
