@@ -9,8 +9,9 @@ from typing import Any
 
 import jinja2
 import pytest
-from flashmoe_native.chat_template import ChatTemplate
 from tiny_tokenizer import build_tiny_tokenizer
+
+from flashmoe_native.chat_template import ChatTemplate
 
 WEATHER = {
     "type": "function",
@@ -227,3 +228,31 @@ def test_template_from_tokenizer_config(tokenizer_dir: Path, tmp_path: Path) -> 
     assert template.special_tokens == {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
     assert template.tool_call_format == "xml"
     assert ChatTemplate("{{ '<tool_call>' }}").tool_call_format == "json"
+
+
+@pytest.mark.parametrize("enable_thinking", [None, False])
+def test_continuation_is_the_tail_of_the_full_rendering(
+    tokenizer_dir: Path, enable_thinking: bool | None
+) -> None:
+    template = ChatTemplate.from_dir(tokenizer_dir)
+    history = [
+        {"role": "user", "content": "Weather in Köln, and search rain?"},
+        {"role": "assistant", "content": "Let me check.", "tool_calls": [WEATHER_CALL]},
+    ]
+    tool_results = [{"role": "tool", "content": "sunny"}, {"role": "tool", "content": "warm"}]
+    options = {"tools": [WEATHER], "enable_thinking": enable_thinking}
+    full = template.render(history + tool_results, **options)
+    tail = template.render_continuation(tool_results, **options)
+    assert full.endswith(tail)
+    assert tail.startswith("<|im_end|>\n<|im_start|>user\n<tool_response>\nsunny\n</tool_response>")
+    user_turn = [{"role": "user", "content": "And tomorrow?"}]
+    tail = template.render_continuation(user_turn, **options)
+    assert template.render(
+        [*history, *tool_results, {"role": "assistant", "content": "Sunny."}, *user_turn], **options
+    ).endswith(tail)
+    generation_prompt = "<think>\n" if enable_thinking is None else "<think>\n\n</think>\n\n"
+    assert (
+        tail
+        == "<|im_end|>\n<|im_start|>user\nAnd tomorrow?<|im_end|>\n<|im_start|>assistant\n"
+        + generation_prompt
+    )

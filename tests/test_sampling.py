@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from flashmoe_native.sampling import Sampler, SamplingParams
 
 # probabilities 0.5, 0.3, 0.15, 0.05 at temperature 1

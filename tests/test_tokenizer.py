@@ -8,9 +8,10 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-from flashmoe_native.tokenizer import Tokenizer
 from tiny_tokenizer import build_tiny_tokenizer
 from tokenizers import Tokenizer as HFTokenizer
+
+from flashmoe_native.tokenizer import Tokenizer
 
 TEXTS = [
     "Hello, world! def f(x): return x + 1",

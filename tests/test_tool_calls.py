@@ -7,6 +7,7 @@ import random
 from typing import Any
 
 import pytest
+
 from flashmoe_native.tool_calls import (
     AssistantMessage,
     ContentDelta,

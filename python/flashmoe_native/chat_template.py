@@ -138,6 +138,27 @@ class ChatTemplate:
             return "json"
         return None
 
+    def render_continuation(
+        self,
+        new_messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        enable_thinking: bool | None = None,
+    ) -> str:
+        """Text that follows an assistant turn the model just wrote, up to the next prompt.
+
+        It closes that turn and renders `new_messages` (user turn or tool results) and the
+        generation prompt, so a conversation kept in the engine grows without re-reading its
+        history. The template renders it after a stand-in turn whose content marks the cut.
+        """
+        marker = "\u2063flashmoe-continuation\u2063"
+        lead = [{"role": "user", "content": "."}, {"role": "assistant", "content": marker}]
+        text = self.render([*lead, *new_messages], tools=tools, enable_thinking=enable_thinking)
+        cut = text.find(marker)
+        if cut < 0:
+            raise ValueError("the chat template does not render assistant content verbatim")
+        return text[cut + len(marker) :]
+
     def render(
         self,
         messages: Sequence[Mapping[str, Any]],
