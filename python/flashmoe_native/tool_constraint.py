@@ -912,8 +912,8 @@ class ToolCallConstraint:
             raise ValueError("nothing may be generated")
         lengths = self._closing_lengths()
         mask = (lengths >= 0) & (lengths <= remaining - 1)
-        if accepts_end(self.stack):
-            mask[self.end_token_ids] = True
+        # an end token ends the turn even when it is also text (a model config may list one)
+        mask[self.end_token_ids] = accepts_end(self.stack)
         return mask
 
     def advance(self, token_id: int) -> None:
