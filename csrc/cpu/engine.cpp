@@ -129,7 +129,7 @@ int64_t resolve_context(const ModelConfig& c, int64_t n) {
 }
 
 int64_t resolve_chunk(int chunk) {
-  if (chunk < 0 || chunk > 4096) throw std::invalid_argument("prefill_chunk must be in 1..4096");
+  if (chunk < 0 || chunk > 8192) throw std::invalid_argument("prefill_chunk must be in 1..8192");
   return chunk == 0 ? kDefaultPrefillChunk : chunk;
 }
 

@@ -346,24 +346,29 @@ void linear(const Matrix& w, const float* x, int64_t n, float* y, LinearScratch&
   // int16 layouts hold cols int16 per token in a cols-float slot: the stride in elements is the same
   const int64_t x_stride = (kern.layout == XLayout::I16 || kern.layout == XLayout::I16Nibble) ? 2 * cols : cols;
   const bool int16 = x_stride == 2 * cols;
+  // Rows in blocks of ~32 KiB of weights: a block stays in L1/L2 while every token tile runs
+  // against it, and a tile's x stays in L1 across the block's rows.
+  const int64_t block_rows = std::max<int64_t>(1, (32 << 10) / row_bytes);
   pool.parallel_for(rows, min_rows, [&](int64_t r0, int64_t r1) {
     float out[8];
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint8_t* q = w.data + r * row_stride;
-      const uint16_t* s = w.scales + r * groups;
-      const uint16_t* b = w.biases + r * groups;
+    for (int64_t rb = r0; rb < r1; rb += block_rows) {
+      const int64_t rb_end = std::min(r1, rb + block_rows);
       for (int64_t t0 = 0; t0 < n;) {
         const int64_t left = n - t0;
         const int tile = left >= 8 ? 3 : left >= 4 ? 2 : left >= 2 ? 1 : 0;
         const int nt = 1 << tile;
         const void* xt = int16 ? static_cast<const void*>(reinterpret_cast<const int16_t*>(scratch.x_prep) + t0 * x_stride)
                                : static_cast<const void*>(scratch.x_prep + t0 * cols);
-        kern.tile[tile](q, s, xt, scratch.x_scale + t0 * groups, x_stride, groups, out);
-        for (int i = 0; i < nt; ++i) {
-          const float* sums = scratch.group_sums + (t0 + i) * groups;
-          float bias_term = 0.0f;
-          for (int64_t g = 0; g < groups; ++g) bias_term += bf16_to_f32(b[g]) * sums[g];
-          y[(t0 + i) * rows + r] = out[i] + bias_term;
+        for (int64_t r = rb; r < rb_end; ++r) {
+          const uint16_t* b = w.biases + r * groups;
+          kern.tile[tile](w.data + r * row_stride, w.scales + r * groups, xt, scratch.x_scale + t0 * groups, x_stride,
+                          groups, out);
+          for (int i = 0; i < nt; ++i) {
+            const float* sums = scratch.group_sums + (t0 + i) * groups;
+            float bias_term = 0.0f;
+            for (int64_t g = 0; g < groups; ++g) bias_term += bf16_to_f32(b[g]) * sums[g];
+            y[(t0 + i) * rows + r] = out[i] + bias_term;
+          }
         }
         t0 += nt;
       }
