@@ -417,7 +417,8 @@ void CpuEngine::moe(int layer, int64_t n) {
   const int H = c_.hidden_size, E = c_.num_experts;
   auto t0 = Clock::now();
   lin(w.router, h_.get(), n, probs_.get());
-  // per token: softmax over experts, top-K, renormalise; then the batch's experts in first-use order
+  // per token: softmax over experts, top-K, renormalise. The batch's experts run in ascending id,
+  // so each token sums its experts in the same order whatever the batch (prefill == stepping).
   std::vector<std::vector<std::pair<int, float>>> users(static_cast<size_t>(E));  // expert -> (token, weight)
   std::vector<int> order;
   for (int64_t t = 0; t < n; ++t) {
@@ -433,6 +434,7 @@ void CpuEngine::moe(int layer, int64_t n) {
       users[size_t(idx[i])].push_back({int(t), wgt});
     }
   }
+  std::sort(order.begin(), order.end());
   const int slots = store_.slots();
   const int64_t unique = int64_t(order.size());
   for (int64_t i = 0; i < std::min<int64_t>(unique, slots); ++i) store_.start(int(i), layer, order[size_t(i)]);
