@@ -149,12 +149,13 @@ def test_fewer_experts_per_token_match_transformers_with_that_top_k(
     assert rel_errors(got, full).max() > 1e-2
 
 
+@pytest.mark.parametrize("bits", [16, 4])
 @pytest.mark.parametrize("shape", ["A", "B"])
 def test_prefill_then_step_equals_stepping_token_by_token(
-    tiny_models: TinyModels, shape: str
+    tiny_models: TinyModels, shape: str, bits: int
 ) -> None:
-    model_dir = tiny_models.converted(4, shape)
-    ids = token_ids(7)
+    model_dir = tiny_models.converted(bits, shape)
+    ids = token_ids()
     stepper = fm.Engine(model_dir, device=DEVICE)
     stepped = np.stack([stepper.step(t) for t in ids])
 
@@ -165,11 +166,14 @@ def test_prefill_then_step_equals_stepping_token_by_token(
     assert engine.position == 50
     rest = np.stack([engine.step(t) for t in ids[50:]])
     got = np.concatenate([first[None], second[None], rest])
-    want = stepped[[36, 49, *range(50, len(ids))]]
-    errors = rel_errors(got, want)
-    record(f"prefill vs step shape {shape}", float(errors.max()))
-    # a chunked prefill may sum in another order than the recurrence: allow float32 noise only
-    assert errors.max() < 1e-4
+    positions = [36, 49, *range(50, len(ids))]
+    errors = rel_errors(got, stepped[positions])
+    record(f"prefill vs step {bits}-bit shape {shape}", float(errors.max()))
+    # bf16 weights leave only float32 summation order between the two paths; quantized matrices
+    # may use reduced-precision activations, bounded by the parity budget against transformers
+    assert errors.max() < (1e-5 if bits == 16 else REL_TOL)
+    want, _ = reference_run(model_dir)
+    assert rel_errors(got, want[positions]).max() < REL_TOL
 
 
 def test_reset_starts_the_same_sequence_again(tiny_models: TinyModels) -> None:
