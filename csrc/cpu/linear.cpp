@@ -363,12 +363,9 @@ void linear(const Matrix& w, const float* x, int64_t n, float* y, LinearScratch&
           const uint16_t* b = w.biases + r * groups;
           kern.tile[tile](w.data + r * row_stride, w.scales + r * groups, xt, scratch.x_scale + t0 * groups, x_stride,
                           groups, out);
-          for (int i = 0; i < nt; ++i) {
-            const float* sums = scratch.group_sums + (t0 + i) * groups;
-            float bias_term = 0.0f;
-            for (int64_t g = 0; g < groups; ++g) bias_term += bf16_to_f32(b[g]) * sums[g];
-            y[(t0 + i) * rows + r] = out[i] + bias_term;
-          }
+          // bias term sum_g bias_g * sum(x_g): a bf16 row against the token's group sums
+          for (int i = 0; i < nt; ++i)
+            y[(t0 + i) * rows + r] = out[i] + k.bf16(b, scratch.group_sums + (t0 + i) * groups, groups);
         }
         t0 += nt;
       }
