@@ -244,6 +244,16 @@ def test_config_defaults_and_legacy_keys() -> None:
         path,
     )
     assert nested["eos_token_ids"] == [5, 9, 3] and nested["rope_theta"] == 1e7
+    top_level_vocab = normalize_config(
+        {
+            "model_type": "qwen3_5_moe",
+            "text_config": text_config_dict(vocab_size=None),
+            "vocab_size": 123,
+        },
+        None,
+        path,
+    )
+    assert top_level_vocab["vocab_size"] == 123
 
 
 @pytest.mark.parametrize(
@@ -255,6 +265,7 @@ def test_config_defaults_and_legacy_keys() -> None:
         (text_config_dict(hidden_act="gelu"), "hidden_act 'gelu'"),
         (text_config_dict(layer_types=["linear_attention"]), "layer_types"),
         ({"model_type": "qwen3_5_moe", "text_config": None}, "text_config"),
+        ({"model_type": "qwen3_5_moe"}, "text_config"),
     ],
 )
 def test_unusable_configs_are_refused_naming_config_json(raw: dict, message: str) -> None:

@@ -80,15 +80,17 @@ def normalize_config(
             f"{config_path}: model_type {model_type!r} is not supported "
             f"(supported: {', '.join(MODEL_TYPES)})"
         )
-    text = raw["text_config"] if model_type == "qwen3_5_moe" else raw
+    text = raw.get("text_config") if model_type == "qwen3_5_moe" else raw
     if not isinstance(text, dict):
         raise ModelFormatError(
             f"{config_path}: model_type {model_type} needs a 'text_config' object"
         )
 
     def get(key: str, default: Any = None) -> Any:
-        if key in text and text[key] is not None:
-            return text[key]
+        # the wrapper's own keys count too (some exports keep e.g. vocab_size only at top level)
+        for scope in (text, raw):
+            if scope.get(key) is not None:
+                return scope[key]
         if default is None:
             raise ModelFormatError(f"{config_path}: missing {key!r}")
         return default
