@@ -52,7 +52,13 @@ void ThreadPool::run(int tasks, const std::function<void(int)>& fn) {
   }
   wake_.notify_all();
   work_on_current_job();
-  while (tasks_done_.load(std::memory_order_acquire) < tasks) cpu_relax();
+  // a worker may be descheduled on a busy machine: stop burning its core after a short spin
+  for (int spins = 0; tasks_done_.load(std::memory_order_acquire) < tasks; ++spins) {
+    if (spins < 4096)
+      cpu_relax();
+    else
+      std::this_thread::yield();
+  }
 }
 
 void ThreadPool::worker_loop() {

@@ -1,0 +1,90 @@
+"""Prefill against decode on one model, in the same run: tokens/s of a long prompt over tokens/s
+of greedy decoding, in two regimes.
+
+  resident   expert blocks come from the OS page cache (the model fits in RAM)
+  streaming  every expert read goes to the disk (O_DIRECT): a model far larger than RAM
+
+    python bench/prefill_vs_decode.py MODEL_DIR [--prompt 512] [--decode 8] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import flashmoe_native as fm
+
+
+def measure(
+    model: Path, direct_io: bool, prompt_tokens: int, decode_tokens: int, chunk: int | None
+) -> dict[str, Any]:
+    engine = fm.Engine(model, direct_io=direct_io, prefill_chunk=chunk)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, engine.vocab_size, prompt_tokens)
+    engine.prefill(prompt[:4])  # touch the non-expert weights once
+    engine.reset()
+    engine.reset_stats()
+    t0 = time.perf_counter()
+    logits = engine.prefill(prompt)
+    prefill_s = time.perf_counter() - t0
+    prefill = engine.stats()
+    engine.reset_stats()
+    t0 = time.perf_counter()
+    for _ in range(decode_tokens):
+        logits = engine.step(int(np.argmax(logits)))
+    decode_s = time.perf_counter() - t0
+    decode = engine.stats()
+    result = {
+        "regime": "streaming (O_DIRECT)" if direct_io else "resident (page cache)",
+        "device": engine.device,
+        "layers": engine.config["num_hidden_layers"],
+        "prefill_chunk": chunk,
+        "prompt_tokens": prompt_tokens,
+        "prefill_tok_s": prompt_tokens / prefill_s,
+        "prefill_mb_per_token": prefill["prefill_expert_bytes_read"] / prompt_tokens / 1e6,
+        "prefill_unique_experts_per_chunk_layer": prefill["prefill_experts_loaded"]
+        / max(1, prefill["prefill_chunks"])
+        / engine.config["num_hidden_layers"],
+        "prefill_ms": {k: v / prompt_tokens for k, v in prefill["ms"].items()},
+        "decode_tokens": decode_tokens,
+        "decode_tok_s": decode_tokens / decode_s,
+        "decode_mb_per_token": decode["expert_bytes_read"] / decode_tokens / 1e6,
+        "decode_ms": {k: v / decode_tokens for k, v in decode["ms"].items()},
+    }
+    result["prefill_over_decode"] = result["prefill_tok_s"] / result["decode_tok_s"]
+    return result
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("model", type=Path)
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--decode", type=int, default=8)
+    p.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: engine's)")
+    p.add_argument("--regimes", default="resident,streaming")
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args()
+    results = []
+    for regime in a.regimes.split(","):
+        r = measure(a.model, regime == "streaming", a.prompt, a.decode, a.chunk)
+        results.append(r)
+        print(
+            f"{r['regime']:22s} {r['device']}, {r['layers']} layers: prefill {r['prompt_tokens']} "
+            f"tokens at {r['prefill_tok_s']:.2f} tok/s ({r['prefill_mb_per_token']:.1f} MB/token), "
+            f"decode {r['decode_tok_s']:.2f} tok/s ({r['decode_mb_per_token']:.1f} MB/token): "
+            f"prefill/decode = {r['prefill_over_decode']:.1f}x",
+            flush=True,
+        )
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
