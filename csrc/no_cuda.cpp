@@ -4,7 +4,7 @@
 namespace fm {
 
 std::string cuda_unavailable_reason() {
-  return "flashmoe_native was built without CUDA (no nvcc found when it was installed)";
+  return "flashmoe_native was built without CUDA (no nvcc when it was installed, or FLASHMOE_CUDA=OFF)";
 }
 
 std::unique_ptr<Engine> make_cuda_engine(ModelSpec, const EngineOptions&) {
