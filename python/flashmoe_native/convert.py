@@ -43,8 +43,8 @@ KEEP_BF16_SUFFIXES = (
     "linear_attn.in_proj_a.weight",
     "linear_attn.in_proj_b.weight",
 )
-# bound on float32 elements decoded at once while converting one big tensor (256 MB)
-CHUNK_ELEMENTS = 64 << 20
+# bound on float32 elements decoded at once while converting one big tensor (64 MB)
+CHUNK_ELEMENTS = 16 << 20
 SKIPPED_PREFIXES = ("model.visual.", "mtp.")  # vision tower and multi-token-prediction head
 
 # config.json model_type -> tensor name prefix of the language model
