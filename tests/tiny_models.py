@@ -164,6 +164,7 @@ def wrap_vlm(text_model: Qwen3_5MoeForCausalLM) -> Qwen3_5MoeForConditionalGener
 
 
 def _tokenizer_eos_ids(tokenizer_dir: Path) -> list[int]:
+    """Ids of <|im_end|> and <|endoftext|> (Qwen's end tokens) in a tokenizer.json."""
     added = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
     ids = {t["content"]: t["id"] for t in added.get("added_tokens", [])}
     return [ids[t] for t in ("<|im_end|>", "<|endoftext|>") if t in ids]
@@ -180,6 +181,10 @@ def save_checkpoint(
 ) -> Path:
     """Write `model` as a sharded checkpoint: per-expert (save_pretrained) or fused (hub layout)."""
     directory.mkdir(parents=True)
+    # like the hub's Qwen3.5: config.json names <|endoftext|>, generation_config.json both ends
+    text_cfg = getattr(model.config, "text_config", model.config)
+    config_eos = text_cfg.eos_token_id
+    text_cfg.eos_token_id = eos_token_ids[-1] if eos_token_ids else None
     model = model.to(dtype)
     try:
         model.generation_config.eos_token_id = eos_token_ids
@@ -208,6 +213,7 @@ def save_checkpoint(
             raise ValueError(f"unknown layout {layout!r}")
     finally:
         model.to(torch.float32)
+        text_cfg.eos_token_id = config_eos
     if tokenizer_dir is not None:
         for f in Path(tokenizer_dir).iterdir():
             if f.is_file():
