@@ -9,7 +9,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 from test_tool_constraint import TOOLS, check_arguments
 from tiny_models import perturb, save_checkpoint, text_config
 from tiny_tokenizer import build_tiny_tokenizer
@@ -43,8 +45,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # a padded vocabulary, like Qwen's: ids past the tokenizer's exist only in the model
     vocab = tok.vocab_size + 64
     config = text_config("A", vocab, max_position_embeddings=4096, eos_token_id=ends[0])
+    torch.manual_seed(7)
     model = Qwen3_5MoeForCausalLM(config).eval()
-    perturb(model, seed=7)
+    perturb(model, seed=8)
     checkpoint = save_checkpoint(
         model, root / "checkpoint", layout="fused", eos_token_ids=ends, tokenizer_dir=tokenizer_dir
     )
@@ -262,3 +265,44 @@ def test_ids_beyond_the_tokenizer_never_come_out(generator: Generator) -> None:
     sampling = SamplingParams(temperature=5.0, seed=0)  # flat: padding ids would surely be drawn
     collect(generator.generate(prompt, max_tokens=200, parse=False, sampling=sampling))
     assert max(generator.context_tokens) < generator.tokenizer.vocab_size
+
+
+class BiasedEngine:
+    """The real engine with one token's logit raised, to make the model want that token."""
+
+    def __init__(self, engine: Engine, token: int, bias: float) -> None:
+        self._engine, self._token, self._bias = engine, token, bias
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def _biased(self, logits: np.ndarray) -> np.ndarray:
+        logits = logits.copy()
+        logits[self._token] += self._bias
+        return logits
+
+    def prefill(self, tokens: list[int]) -> np.ndarray:
+        return self._biased(self._engine.prefill(tokens))
+
+    def step(self, token: int) -> np.ndarray:
+        return self._biased(self._engine.step(token))
+
+
+def test_tool_choice_none_never_opens_a_call(model_dir: Path) -> None:
+    plain = Generator(Engine(model_dir, device="cpu"), model_dir)
+    call_open = plain.tokenizer.token_id("<tool_call>")
+    assert call_open is not None
+    engine = BiasedEngine(plain.engine, call_open, bias=1e4)  # type: ignore[arg-type]
+    generator = Generator(engine, model_dir)
+    prompt = generator.encode_chat([{"role": "user", "content": "Hi"}], enable_thinking=False)
+    wants_call = collect(generator.generate(prompt, max_tokens=80, sampling=GREEDY, tools=TOOLS))[1]
+    assert generator.context_tokens[len(prompt)] == call_open
+    # the biased model keeps opening calls until the budget ends; every one of them closed
+    assert wants_call.message.tool_calls and wants_call.message.malformed_tool_calls == []
+    for call in wants_call.message.tool_calls:
+        check_arguments(call.name, call.arguments)
+    refused = collect(
+        generator.generate(prompt, max_tokens=80, sampling=GREEDY, tools=TOOLS, tool_choice="none")
+    )[1]
+    assert call_open not in generator.context_tokens[len(prompt) :]
+    assert refused.message.tool_calls == [] and refused.reason != "tool_calls"
