@@ -475,33 +475,18 @@ def convert(
         for name in COPIED_FILES:
             if (src_path / name).is_file():
                 shutil.copyfile(src_path / name, tmp / name)
-        manifest = {
-            "format": fmt.FORMAT,
-            "format_version": fmt.FORMAT_VERSION,
-            "architecture": "qwen3_5_moe",
-            "config": config,
-            "quantization": {"bits": bits, "group_size": fmt.GROUP_SIZE},
-            "tensors": tensors,
-            "experts": {
-                "file": fmt.EXPERTS_FILE,
-                "num_layers": config["num_hidden_layers"],
-                "num_experts": config["num_experts"],
-                "block_bytes": block_bytes,
-                "block_stride": block_stride,
-                "parts": parts,
-                "xxh64": block_hashes,
-            },
-            "files": {fmt.WEIGHTS_FILE: weights_entry, fmt.EXPERTS_FILE: experts_entry},
-            "source": {"path": str(src_path), "model_type": source.model_type},
-        }
-        manifest_path = tmp / fmt.MANIFEST_NAME
-        with open(manifest_path, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        # the reader's checks on what we just wrote: writer and reader must agree
-        fmt.load_manifest(tmp, verify_weights=False)
+        manifest = fmt.build_manifest(
+            config=config,
+            bits=bits,
+            tensors=tensors,
+            expert_parts=parts,
+            block_bytes=block_bytes,
+            block_stride=block_stride,
+            block_hashes=block_hashes,
+            files={fmt.WEIGHTS_FILE: weights_entry, fmt.EXPERTS_FILE: experts_entry},
+            source={"path": str(src_path), "model_type": source.model_type},
+        )
+        fmt.write_manifest(tmp, manifest)
 
         if out_path.exists():
             old = out_path.with_name(f"{out_path.name}.old-{os.getpid()}")

@@ -508,6 +508,51 @@ def _check_experts(experts: Any, config: Mapping[str, Any], path: Path) -> None:
     )
 
 
+def build_manifest(
+    *,
+    config: Mapping[str, Any],
+    bits: int,
+    tensors: Mapping[str, Any],
+    expert_parts: Mapping[str, Any],
+    block_bytes: int,
+    block_stride: int,
+    block_hashes: list[str],
+    files: Mapping[str, Any],
+    source: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The manifest.json of a qwen3_5_moe model directory (docs/format.md)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "architecture": "qwen3_5_moe",
+        "config": dict(config),
+        "quantization": {"bits": bits, "group_size": GROUP_SIZE},
+        "tensors": dict(tensors),
+        "experts": {
+            "file": EXPERTS_FILE,
+            "num_layers": config["num_hidden_layers"],
+            "num_experts": config["num_experts"],
+            "block_bytes": block_bytes,
+            "block_stride": block_stride,
+            "parts": dict(expert_parts),
+            "xxh64": block_hashes,
+        },
+        "files": dict(files),
+        "source": dict(source),
+    }
+
+
+def write_manifest(model_dir: Path, manifest: Mapping[str, Any]) -> None:
+    """Write manifest.json durably, then check it with the reader: writer and reader must agree."""
+    path = model_dir / MANIFEST_NAME
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    load_manifest(model_dir, verify_weights=False)
+
+
 def load_manifest(model_dir: str | os.PathLike[str], *, verify_weights: bool = True) -> dict:
     """Read and check manifest.json and the files it describes; raises ModelFormatError."""
     root = Path(model_dir)
