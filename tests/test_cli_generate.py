@@ -256,6 +256,11 @@ def test_chat_shell_tool_runs_only_what_the_user_confirms(
     session.ask = lambda _: "y"
     assert session._run_tool(call) == "exit code 0\ndone"
     assert marker.exists()
+    # what the user approves is shown as it is: no escape sequence or bidi override can hide part
+    session.ask = lambda _: "n"
+    sneaky = "echo safe\x1b[2K\r\u202erm -rf ~"
+    session._run_tool(ToolCall(id="call_2", name="run_shell", arguments={"command": sneaky}))
+    assert "echo safe\\x1b[2K\\x0d\\u202erm -rf ~" in out.getvalue()
 
 
 def test_ids_beyond_the_tokenizer_never_come_out(generator: Generator) -> None:

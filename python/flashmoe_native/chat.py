@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
@@ -60,6 +61,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shell-timeout", type=float, default=60.0, help="seconds per command")
     parser.add_argument("--max-tokens", type=int, default=4096, help="most tokens per reply")
     add_sampling_arguments(parser)
+
+
+def _escape(c: str) -> str:
+    return f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+
+
+def visible(text: str, *, strict: bool = False) -> str:
+    """`text` with control characters written as escapes, so model output cannot move the
+    cursor, recolour or hide text. `strict` (for commands the user must approve) also escapes
+    format characters such as bidirectional overrides, which can reorder what is shown."""
+    escaped = {"Cc", "Cf"} if strict else {"Cc"}
+    return "".join(
+        _escape(c) if c not in "\n\t" and unicodedata.category(c) in escaped else c for c in text
+    )
 
 
 class _Style:
@@ -157,16 +172,16 @@ class ChatSession:
                 if isinstance(event, ReasoningDelta) and self.show_think:
                     if not reasoning_open and not self.style.enabled:
                         out.write("(thinking) ")  # no dimming off a terminal: label it instead
-                    out.write(self.style.dim(event.text))
+                    out.write(self.style.dim(visible(event.text)))
                     reasoning_open = True
                 elif isinstance(event, ContentDelta):
                     if reasoning_open:
                         out.write("\n\n")
                         reasoning_open = False
-                    out.write(event.text)
+                    out.write(visible(event.text))
                 elif isinstance(event, ToolCallDelta):
                     arguments = event.call.to_openai()["function"]["arguments"]
-                    out.write(self.style.dim(f"\n[calls {event.call.name} {arguments}]"))
+                    out.write(self.style.dim(f"\n[calls {event.call.name} {visible(arguments)}]"))
                 elif isinstance(event, ToolCallError):
                     out.write(self.style.dim(f"\n[malformed tool call: {event.malformed.error}]"))
                 elif isinstance(event, Finished):
@@ -185,7 +200,7 @@ class ChatSession:
         if call.name != "run_shell":
             return f"There is no tool named {call.name!r}."
         command = str(call.arguments.get("command", ""))
-        self.out.write(f"\nThe model wants to run:\n  {command}\n")
+        self.out.write(f"\nThe model wants to run:\n  {visible(command, strict=True)}\n")
         self.out.flush()
         try:
             answer = self.ask("Run it? [y/N] ")
@@ -194,7 +209,7 @@ class ChatSession:
         if answer.strip().lower() not in ("y", "yes"):
             return "The user declined to run this command."
         result = run_shell(command, self.shell_timeout)
-        self.out.write(self.style.dim(result) + "\n")
+        self.out.write(self.style.dim(visible(result)) + "\n")
         return result
 
     def send(self, text: str) -> AssistantMessage:
