@@ -139,6 +139,8 @@ WALK_STARTS = [
     ("xml", "required", False, ""),
     ("xml", "auto", True, "Hmm </thi"),
     ("xml", "auto", False, "  <thi"),
+    ("xml", "auto", False, ""),
+    ("json", "auto", False, "\n \n"),
     ("xml", "auto", False, "Sure <tool_c"),
     ("xml", "auto", False, XML_CITY + "Paris </para"),
     ("xml", "auto", False, XML_WHERE + '{"k": "v </par'),

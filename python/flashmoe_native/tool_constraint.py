@@ -26,7 +26,7 @@ import json
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -50,6 +50,18 @@ DIGITS = frozenset(b"0123456789")
 HEX = frozenset(b"0123456789abcdefABCDEF")
 
 Stack = tuple["Frame", ...]
+
+
+class Plain(NamedTuple):
+    """The tokens a free-text frame accepts wholesale: those without any byte of `anywhere`,
+    not starting with a byte of `first` and, when `blank` is set, not made only of whitespace.
+    Each of them leaves `result` in the frame's place; the other tokens are checked byte by
+    byte."""
+
+    anywhere: frozenset[int]
+    first: frozenset[int]
+    result: Frame
+    blank: bool = False
 
 
 def _seq(*frames: Frame) -> Stack:
@@ -103,9 +115,8 @@ class Frame:
     def closing(self) -> bytes:
         raise NotImplementedError
 
-    def plain(self) -> tuple[frozenset[int], frozenset[int], Frame] | None:
-        """(bytes that must not occur, bytes that must not come first, frame after any token
-        avoiding both), or None when tokens must be checked byte by byte."""
+    def plain(self) -> Plain | None:
+        """The tokens accepted wholesale, or None when all must be checked byte by byte."""
         return None
 
 
@@ -172,9 +183,9 @@ class Reasoning(Frame):
             return b""
         return THINK_CLOSE[len(self.partial) :] + self.g.answer(at_start=False).closing()
 
-    def plain(self) -> tuple[frozenset[int], frozenset[int], Frame] | None:
+    def plain(self) -> Plain | None:
         first = frozenset([THINK_CLOSE[len(self.partial)]]) if self.partial else frozenset()
-        return frozenset(b"<"), first, Reasoning(self.g)
+        return Plain(frozenset(b"<"), first, Reasoning(self.g))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -204,11 +215,12 @@ class Content(Frame):
     def closing(self) -> bytes:
         return b""
 
-    def plain(self) -> tuple[frozenset[int], frozenset[int], Frame] | None:
-        if self.at_start:
+    def plain(self) -> Plain | None:
+        if self.at_start and self.partial:
             return None
         first = frozenset([CALL_OPEN[len(self.partial)]]) if self.partial else frozenset()
-        return frozenset(b"<"), first, Content(self.g, b"", False)
+        # at the start, a token of only whitespace keeps a later <think> possible
+        return Plain(frozenset(b"<"), first, Content(self.g, b"", False), blank=self.at_start)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -316,9 +328,9 @@ class XmlText(Frame):
     def closing(self) -> bytes:
         return PARAM_CLOSE[len(self.partial) :]
 
-    def plain(self) -> tuple[frozenset[int], frozenset[int], Frame] | None:
+    def plain(self) -> Plain | None:
         first = frozenset([PARAM_CLOSE[len(self.partial)]]) if self.partial else frozenset()
-        return frozenset(b"<"), first, XmlText()
+        return Plain(frozenset(b"<"), first, XmlText())
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -390,14 +402,14 @@ class JsonString(Frame):
             return b"0" * (self.escape - 1) + b'"'
         return b'"'
 
-    def plain(self) -> tuple[frozenset[int], frozenset[int], Frame] | None:
+    def plain(self) -> Plain | None:
         if self.escape:
             return None
         special = CONTROL_BYTES | frozenset(b'"\\')
         if not self.guard:
-            return special, frozenset(), self
+            return Plain(special, frozenset(), self)
         first = frozenset([PARAM_CLOSE[len(self.partial)]]) if self.partial else frozenset()
-        return special | frozenset(b"<"), first, JsonString(True)
+        return Plain(special | frozenset(b"<"), first, JsonString(True))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -801,6 +813,11 @@ class VocabularyIndex:
             # closings are written one byte at a time: every ASCII byte needs its own token
             raise ValueError(f"tokenizer lacks single-byte tokens for {sorted(missing)[:8]}")
         self._subsets: dict[frozenset[int], tuple[list[bytes], list[int], np.ndarray]] = {}
+        blank = [i for i, k in enumerate(self.keys) if not k.strip(bytes(TEXT_WHITESPACE))]
+        self.blank = np.zeros(len(self.keys), dtype=bool)
+        self.blank[blank] = True
+        self.blank_keys = [self.keys[i] for i in blank]
+        self.blank_ids = [self.id_list[i] for i in blank]
 
     def with_bytes(self, special: frozenset[int]) -> tuple[list[bytes], list[int], np.ndarray]:
         """Tokens containing any of `special` (sorted keys, their ids) and the mask of the rest."""
@@ -886,12 +903,15 @@ class ToolCallConstraint:
         if plain is None:
             idx.walk(idx.keys, idx.id_list, 0, len(idx.keys), stack, accepted)
         else:
-            anywhere, first, result = plain
-            keys, ids, rest = idx.with_bytes(anywhere)
+            keys, ids, rest = idx.with_bytes(plain.anywhere)
             idx.walk(keys, ids, 0, len(keys), stack, accepted)
-            rest = rest & ~np.isin(idx.first_byte, list(first)) if first else rest
-            lengths[idx.ids[rest]] = len(_stack_closing(stack[:-1] + (result,)))
-            for b in first:  # tokens opening with a byte that continues a partial tag
+            if plain.first:
+                rest = rest & ~np.isin(idx.first_byte, list(plain.first))
+            if plain.blank:
+                rest = rest & ~idx.blank
+                idx.walk(idx.blank_keys, idx.blank_ids, 0, len(idx.blank_keys), stack, accepted)
+            lengths[idx.ids[rest]] = len(_stack_closing(stack[:-1] + (plain.result,)))
+            for b in plain.first:  # tokens opening with a byte that continues a partial tag
                 lo = bisect.bisect_left(idx.keys, bytes([b]))
                 hi = bisect.bisect_left(idx.keys, bytes([b + 1])) if b < 255 else len(idx.keys)
                 idx.walk(idx.keys, idx.id_list, lo, hi, stack, accepted)
