@@ -374,24 +374,8 @@ void CpuEngine::linear_attention(int layer, int64_t n) {
         const float* kj = qkv + kd + (j / ratio) * dk;
         const float* vj = qkv + 2 * kd + j * dv;
         const float beta = gates_.get()[t * 2 * nv + j], decay = gates_.get()[t * 2 * nv + nv + j];
-        std::fill(delta.begin(), delta.end(), 0.0f);
-        for (int a = 0; a < dk; ++a) {
-          float* srow = S + int64_t(a) * dv;
-          for (int b = 0; b < dv; ++b) {
-            srow[b] *= decay;
-            delta[size_t(b)] += srow[b] * kj[a];
-          }
-        }
-        for (int b = 0; b < dv; ++b) delta[size_t(b)] = beta * (vj[b] - delta[size_t(b)]);
         float* oj = o_all + t * vd + j * dv;
-        std::fill(oj, oj + dv, 0.0f);
-        for (int a = 0; a < dk; ++a) {
-          float* srow = S + int64_t(a) * dv;
-          for (int b = 0; b < dv; ++b) {
-            srow[b] += kj[a] * delta[size_t(b)];
-            oj[b] += srow[b] * qj[a];
-          }
-        }
+        cpu::deltanet_step(S, qj, kj, vj, beta, decay, dk, dv, delta.data(), oj);
         cpu::rmsnorm(oj, w.out_norm, 0.0f, c_.rms_norm_eps, dv, oj);
         const float* zj = b_.get() + t * vd + j * dv;
         for (int b = 0; b < dv; ++b) oj[b] *= cpu::silu(zj[b]);

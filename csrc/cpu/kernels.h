@@ -51,6 +51,11 @@ void rope(float* v, int heads, int head_dim, int rotary_dim, const float* inv_fr
 // k + t*stride, its value at v + t*stride. out [hd].
 void attend(const float* q, const float* k, const float* v, int64_t stride, int64_t len, int hd, float* out);
 
+// One Gated DeltaNet step of one value head, S [dk, dv] fp32 row-major:
+// S = decay S; delta = beta (v - S^T k); S += k delta^T; o = S^T q. delta is scratch [dv].
+void deltanet_step(float* S, const float* q, const float* k, const float* v, float beta, float decay, int dk,
+                   int dv, float* delta, float* o);
+
 inline float silu(float x) { return x / (1.0f + __builtin_expf(-x)); }
 inline float sigmoid(float x) { return 1.0f / (1.0f + __builtin_expf(-x)); }
 inline float softplus(float x) { return x > 20.0f ? x : __builtin_log1pf(__builtin_expf(x)); }
