@@ -12,53 +12,39 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import flashmoe_native as fm
+from flashmoe_native.bench import decode_benchmark
 
 
 def measure(
     model: Path, direct_io: bool, prompt_tokens: int, decode_tokens: int, chunk: int | None
 ) -> dict[str, Any]:
     engine = fm.Engine(model, direct_io=direct_io, prefill_chunk=chunk)
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(0, engine.vocab_size, prompt_tokens)
-    engine.prefill(prompt[:4])  # touch the non-expert weights once
-    engine.reset()
-    engine.reset_stats()
-    t0 = time.perf_counter()
-    logits = engine.prefill(prompt)
-    prefill_s = time.perf_counter() - t0
-    prefill = engine.stats()
-    engine.reset_stats()
-    t0 = time.perf_counter()
-    for _ in range(decode_tokens):
-        logits = engine.step(int(np.argmax(logits)))
-    decode_s = time.perf_counter() - t0
-    decode = engine.stats()
-    result = {
+    engine.prefill([0, 1, 2, 3])  # touch the non-expert weights once
+    r = decode_benchmark(engine, prompt_tokens, decode_tokens)
+    prefill, decode = r["prefill_stats"], r["decode_stats"]
+    layers = r["layers"]
+    return {
         "regime": "streaming (O_DIRECT)" if direct_io else "resident (page cache)",
-        "device": engine.device,
-        "layers": engine.config["num_hidden_layers"],
+        "device": r["device"],
+        "layers": layers,
         "prefill_chunk": chunk,
         "prompt_tokens": prompt_tokens,
-        "prefill_tok_s": prompt_tokens / prefill_s,
+        "prefill_tok_s": r["prefill_tok_s"],
         "prefill_mb_per_token": prefill["prefill_expert_bytes_read"] / prompt_tokens / 1e6,
         "prefill_unique_experts_per_chunk_layer": prefill["prefill_experts_loaded"]
         / max(1, prefill["prefill_chunks"])
-        / engine.config["num_hidden_layers"],
+        / layers,
         "prefill_ms": {k: v / prompt_tokens for k, v in prefill["ms"].items()},
         "decode_tokens": decode_tokens,
-        "decode_tok_s": decode_tokens / decode_s,
+        "decode_tok_s": r["decode_tok_s"],
         "decode_mb_per_token": decode["expert_bytes_read"] / decode_tokens / 1e6,
         "decode_ms": {k: v / decode_tokens for k, v in decode["ms"].items()},
+        "prefill_over_decode": r["prefill_tok_s"] / r["decode_tok_s"],
     }
-    result["prefill_over_decode"] = result["prefill_tok_s"] / result["decode_tok_s"]
-    return result
 
 
 def main() -> int:

@@ -54,6 +54,7 @@ def decode_benchmark(
         "prefill_s": prefill_s,
         "prefill_tok_s": prompt_tokens / prefill_s,
         "prefill_expert_bytes": prefill_stats["expert_bytes_read"],
+        "prefill_stats": prefill_stats,
         "decode_s": decode_s,
         "decode_tok_s": decode_tokens / decode_s,
         "decode_stats": stats,
