@@ -171,6 +171,13 @@ class Generator:
         self.engine.reset()
         self._context, self._pending, self._last_logits = [], [], None
 
+    def resume(self, tokens: Sequence[int]) -> None:
+        """Take the engine as holding exactly `tokens` (e.g. restored from a snapshot taken
+        there), so a prompt that extends them only prefills the rest."""
+        if self.engine.position != len(tokens):
+            raise ValueError(f"the engine holds {self.engine.position} tokens, not {len(tokens)}")
+        self._context, self._pending, self._last_logits = list(tokens), [], None
+
     def encode_chat(
         self,
         messages: Sequence[Mapping[str, Any]],
