@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("flashmoe_native.bench", "measure decode tok/s and where the time goes"),
     "infer": ("flashmoe_native.infer", "generate from one prompt, then report speed"),
     "chat": ("flashmoe_native.chat", "talk with a model in the terminal"),
+    "serve": ("flashmoe_native.server", "serve a model over an OpenAI-compatible HTTP API"),
 }
 
 
