@@ -15,7 +15,7 @@ inline float bf16_to_f32(uint16_t v) {
   return f;
 }
 
-// Which SIMD path the matvec kernels take on this CPU ("avx512", "avx2", "generic").
+// Which SIMD path the linear kernels take on this CPU ("avx512", "avx2", "neon" or "generic").
 const char* simd_path();
 
 // Scratch the quantized kernels need for up to max_tokens inputs of up to max_cols: each token's

@@ -19,6 +19,9 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #define FM_X86 1
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#define FM_NEON 1
 #endif
 
 namespace fm::cpu {
@@ -215,6 +218,67 @@ FM_AVX512 float row_bf16_avx512(const uint16_t* w, const float* x, int64_t cols)
 }
 #endif
 
+#if FM_NEON
+// arm64: widening int16 multiply-accumulates (smlal) of codes and xi, 4 int32 lanes per vector.
+inline int32x4_t mla_u8x8(int32x4_t acc, uint8x8_t codes, const int16_t* x) {
+  const int16x8_t w = vreinterpretq_s16_u16(vmovl_u8(codes));
+  const int16x8_t xv = vld1q_s16(x);
+  acc = vmlal_s16(acc, vget_low_s16(w), vget_low_s16(xv));
+  return vmlal_high_s16(acc, w, xv);
+}
+
+template <int NT>
+void tile_q4_neon(const uint8_t* q, const uint16_t* scales, const void* xv, const float* xs, int64_t x_stride,
+                  int64_t groups, float* out) {
+  const int16_t* x = static_cast<const int16_t*>(xv);
+  float32x4_t acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = vdupq_n_f32(0.0f);
+  const uint8x16_t low4 = vdupq_n_u8(15);
+  for (int64_t g = 0; g < groups; ++g, q += 32) {
+    const uint8x16_t b0 = vld1q_u8(q), b1 = vld1q_u8(q + 16);
+    const uint8x16_t l0 = vandq_u8(b0, low4), l1 = vandq_u8(b1, low4);
+    const uint8x16_t h0 = vshrq_n_u8(b0, 4), h1 = vshrq_n_u8(b1, 4);
+    const float s = bf16_to_f32(scales[g]);
+    for (int t = 0; t < NT; ++t) {
+      const int16_t* xt = x + t * x_stride + g * 64;
+      int32x4_t d = vdupq_n_s32(0);
+      d = mla_u8x8(d, vget_low_u8(l0), xt);
+      d = mla_u8x8(d, vget_high_u8(l0), xt + 8);
+      d = mla_u8x8(d, vget_low_u8(l1), xt + 16);
+      d = mla_u8x8(d, vget_high_u8(l1), xt + 24);
+      d = mla_u8x8(d, vget_low_u8(h0), xt + 32);
+      d = mla_u8x8(d, vget_high_u8(h0), xt + 40);
+      d = mla_u8x8(d, vget_low_u8(h1), xt + 48);
+      d = mla_u8x8(d, vget_high_u8(h1), xt + 56);
+      acc[t] = vfmaq_n_f32(acc[t], vcvtq_f32_s32(d), s * xs[t * groups + g]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = vaddvq_f32(acc[t]);
+}
+
+template <int NT>
+void tile_q8_neon(const uint8_t* q, const uint16_t* scales, const void* xv, const float* xs, int64_t x_stride,
+                  int64_t groups, float* out) {
+  const int16_t* x = static_cast<const int16_t*>(xv);
+  float32x4_t acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = vdupq_n_f32(0.0f);
+  for (int64_t g = 0; g < groups; ++g, q += 64) {
+    uint8x16_t b[4] = {vld1q_u8(q), vld1q_u8(q + 16), vld1q_u8(q + 32), vld1q_u8(q + 48)};
+    const float s = bf16_to_f32(scales[g]);
+    for (int t = 0; t < NT; ++t) {
+      const int16_t* xt = x + t * x_stride + g * 64;
+      int32x4_t d = vdupq_n_s32(0);
+      for (int i = 0; i < 4; ++i) {
+        d = mla_u8x8(d, vget_low_u8(b[i]), xt + 16 * i);
+        d = mla_u8x8(d, vget_high_u8(b[i]), xt + 16 * i + 8);
+      }
+      acc[t] = vfmaq_n_f32(acc[t], vcvtq_f32_s32(d), s * xs[t * groups + g]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = vaddvq_f32(acc[t]);
+}
+#endif
+
 // Token tiles of 8, 4, 2 and 1 (index 3, 2, 1, 0).
 struct QKernel {
   TileQ tile[4];
@@ -229,13 +293,13 @@ struct Kernels {
 };
 
 Kernels pick_kernels() {
-  // FLASHMOE_SIMD=avx512|avx2|generic caps the path (tests compare paths on one machine).
+  // FLASHMOE_SIMD=avx512|avx2|neon|generic caps the path (tests compare paths on one machine).
   const char* cap = std::getenv("FLASHMOE_SIMD");
   const std::string want = cap ? cap : "";
   auto allowed = [&](const std::string& level) {
-    static const char* order[] = {"avx512", "avx2", "generic"};
+    static const char* order[] = {"avx512", "avx2", "neon", "generic"};
     int w = 0, l = 0;
-    for (int i = 0; i < 3; ++i) {
+    for (int i = 0; i < 4; ++i) {
       if (want == order[i]) w = i;
       if (level == order[i]) l = i;
     }
@@ -252,6 +316,11 @@ Kernels pick_kernels() {
   if (avx2 && allowed("avx2"))
     return {"avx2", {FM_TILES(tile_q4_avx2), XLayout::I16Nibble}, {FM_TILES(tile_q8_avx2), XLayout::I16},
             row_bf16_avx2};
+#endif
+#if FM_NEON
+  if (allowed("neon"))
+    return {"neon", {FM_TILES(tile_q4_neon), XLayout::I16Nibble}, {FM_TILES(tile_q8_neon), XLayout::I16},
+            row_bf16_generic};
 #endif
   (void)allowed;
   return {"generic", {FM_TILES(tile_q4_generic), XLayout::F32Nibble}, {FM_TILES(tile_q8_generic), XLayout::F32},
