@@ -493,6 +493,12 @@ MALFORMED: dict[str, tuple[str, dict[str, Any] | bytes, int, str]] = {
         400,
         "maximum context length is 4096",
     ),
+    "prompt over the context": (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "word " * 12_000}]},
+        400,
+        "which leaves no room for a reply",
+    ),
     "1 MB message": (
         "/v1/chat/completions",
         {"model": MODEL, "messages": [{"role": "user", "content": "word " * 200_000}]},
