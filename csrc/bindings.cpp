@@ -197,18 +197,21 @@ NB_MODULE(_core, m) {
       .def(
           "__init__",
           [](PyEngine* self, const std::string& model_dir, nb::dict manifest, const std::string& device,
-             int experts_per_token, int threads, int64_t max_context, bool direct_io, int prefill_chunk) {
+             int experts_per_token, int threads, int64_t max_context, bool direct_io, int prefill_chunk,
+             double expert_cache_gb, bool profile) {
             if (device != "cpu" && device != "cuda")
               throw std::invalid_argument("device must be 'cpu' or 'cuda', not '" + device + "'");
             fm::ModelSpec spec = model_spec(model_dir, manifest);
-            fm::EngineOptions o{experts_per_token, threads, max_context, direct_io, prefill_chunk};
+            fm::EngineOptions o{experts_per_token, threads, max_context, direct_io, prefill_chunk, expert_cache_gb,
+                                profile};
             new (self) PyEngine();
             nb::gil_scoped_release release;
             self->engine = device == "cuda" ? fm::make_cuda_engine(std::move(spec), o)
                                             : fm::make_cpu_engine(std::move(spec), o);
           },
           "model_dir"_a, "manifest"_a, "device"_a = "cpu", "experts_per_token"_a = 0, "threads"_a = 0,
-          "max_context"_a = 0, "direct_io"_a = false, "prefill_chunk"_a = 0)
+          "max_context"_a = 0, "direct_io"_a = false, "prefill_chunk"_a = 0, "expert_cache_gb"_a = 0.0,
+          "profile"_a = false)
       .def(
           "step",
           [](PyEngine& e, int64_t token) {
@@ -261,6 +264,11 @@ NB_MODULE(_core, m) {
              d["prefill_chunks"] = s.prefill_chunks;
              d["prefill_experts_loaded"] = s.prefill_experts_loaded;
              d["prefill_expert_bytes_read"] = s.prefill_expert_bytes_read;
+             d["expert_cache_hits"] = s.expert_cache_hits;
+             d["expert_cache_misses"] = s.expert_cache_misses;
+             d["bytes_h2d"] = s.bytes_h2d;
+             d["layer_cache_hits"] = s.layer_cache_hits;
+             d["layer_cache_misses"] = s.layer_cache_misses;
              return d;
            })
       .def("reset_stats",

@@ -24,6 +24,8 @@ class ExpertStore {
 
   int slots() const { return int(slots_.size()); }
   uint64_t block_bytes() const { return read_bytes_; }
+  // The slot's buffer (block_stride bytes), e.g. to pin it for device copies.
+  uint8_t* buffer(int slot) const { return slots_[size_t(slot)].buffer; }
 
   // Queues the read of block (layer, expert) into `slot`; returns at once.
   void start(int slot, int layer, int expert);

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
+from .bundled import default_model_path
 from .format import load_manifest
 
 ContextLimitError = _core.ContextLimitError
@@ -42,13 +43,14 @@ def resolve_device(device: str) -> str:
 class Engine:
     """A model directory opened for inference: one sequence, advanced a token at a time.
 
-    Non-expert weights are memory-mapped; the routed experts of every layer are read from
-    experts.bin on demand. Sampling is the caller's: `step` returns raw float32 logits.
+    `path` defaults to the bundled model (bundled.default_model_path()). Non-expert weights are
+    memory-mapped; the routed experts of every layer are read from experts.bin on demand.
+    Sampling is the caller's: `step` returns raw float32 logits.
     """
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | None = None,
         *,
         device: str = "cpu",
         experts_per_token: int | None = None,
@@ -56,18 +58,35 @@ class Engine:
         max_context: int | None = None,
         direct_io: bool = False,
         prefill_chunk: int | None = None,
+        expert_cache_gb: float | None = None,
+        profile: bool = False,
     ) -> None:
-        self.path = Path(path)
+        """expert_cache_gb (CUDA): GPU memory for cached expert blocks, in GB; None takes what
+        fits after the weights and state (every expert when the model fits, else an LRU cache).
+        profile (CUDA): time each phase with device events, for stats()["ms"]; slower. The CPU
+        engine always times its phases."""
+        self.path = Path(path) if path is not None else default_model_path()
         self.manifest: dict[str, Any] = load_manifest(self.path)
+        resolved = resolve_device(device)
+        cache_gb = 0.0
+        if expert_cache_gb is not None:
+            if resolved != "cuda":
+                raise ValueError("expert_cache_gb applies to device='cuda' only")
+            gb = expert_cache_gb
+            if isinstance(gb, bool) or not isinstance(gb, (int, float)) or not gb > 0:
+                raise ValueError(f"expert_cache_gb must be a positive number, not {gb!r}")
+            cache_gb = float(gb)
         self._native = _core.Engine(
             str(self.path),
             self.manifest,
-            device=resolve_device(device),
+            device=resolved,
             experts_per_token=_positive_or_none("experts_per_token", experts_per_token),
             threads=_positive_or_none("threads", threads),
             max_context=_positive_or_none("max_context", max_context),
             direct_io=bool(direct_io),
             prefill_chunk=_positive_or_none("prefill_chunk", prefill_chunk),
+            expert_cache_gb=cache_gb,
+            profile=bool(profile),
         )
 
     @property
@@ -132,7 +151,9 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         """Counters since the last reset_stats(): tokens, expert bytes and blocks read, and
-        per-phase milliseconds (mixer, router, expert_io_wait, expert_compute, lm_head, total)."""
+        per-phase milliseconds (mixer, router, expert_io_wait, expert_compute, lm_head, total).
+        CUDA adds the device expert cache's hits and misses (in total and per layer:
+        expert_cache_hits/misses, layer_cache_hits/misses) and bytes_h2d copied to the GPU."""
         return self._native.stats()
 
     def reset_stats(self) -> None:

@@ -1,0 +1,916 @@
+// The CUDA per-token loop: the CPU engine's math (csrc/cpu/engine.cpp) with every kernel on one
+// stream. Non-expert weights are uploaded once; the KV cache, DeltaNet conv/recurrent state and
+// activations live on the device. Routed experts come from a device cache of expert blocks:
+//  - resident: the cache holds every block (loaded at start); the top-k choice never leaves the
+//    device, so a token is one CUDA graph launch and one synchronisation (for the logits);
+//  - streaming: the cache holds some blocks (LRU). Each layer synchronises once, on its routing
+//    decision; the shared expert and the cached experts run while the misses are read by the
+//    pread pool into pinned buffers and copied in on a second stream.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+
+#include "cuda/expert_cache.h"
+#include "cuda/kernels.cuh"
+#include "engine.h"
+#include "expert_store.h"
+
+namespace fm {
+namespace {
+
+using cuda::DevMat;
+using Clock = std::chrono::steady_clock;
+double ms_since(Clock::time_point t0) { return std::chrono::duration<double, std::milli>(Clock::now() - t0).count(); }
+
+constexpr double kGB = 1e9;
+
+template <class T>
+struct DeviceArray {
+  T* p = nullptr;
+  size_t n = 0;
+  void alloc(size_t count) {
+    n = count;
+    FM_CUDA(cudaMalloc(&p, std::max<size_t>(1, count) * sizeof(T)));
+  }
+  ~DeviceArray() {
+    if (p) cudaFree(p);
+  }
+  size_t bytes() const { return n * sizeof(T); }
+};
+
+template <class T>
+struct PinnedArray {
+  T* p = nullptr;
+  void alloc(size_t count) { FM_CUDA(cudaMallocHost(&p, std::max<size_t>(1, count) * sizeof(T))); }
+  ~PinnedArray() {
+    if (p) cudaFreeHost(p);
+  }
+};
+
+struct Event {
+  cudaEvent_t e = nullptr;
+  explicit Event(bool timing = false) { FM_CUDA(cudaEventCreateWithFlags(&e, timing ? cudaEventDefault : cudaEventDisableTiming)); }
+  ~Event() {
+    if (e) cudaEventDestroy(e);
+  }
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+};
+
+struct Stream {
+  cudaStream_t s = nullptr;
+  Stream() { FM_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)); }
+  ~Stream() {
+    cudaStreamSynchronize(s);
+    cudaStreamDestroy(s);
+  }
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+};
+
+// Host buffers registered as pinned memory for async copies; unregistered before they are freed.
+struct PinnedRegistrations {
+  std::vector<void*> ptrs;
+  void add(void* p, size_t bytes) {
+    FM_CUDA(cudaHostRegister(p, bytes, cudaHostRegisterDefault));
+    ptrs.push_back(p);
+  }
+  ~PinnedRegistrations() {
+    for (void* p : ptrs) cudaHostUnregister(p);
+  }
+};
+
+struct Graph {
+  cudaGraphExec_t exec = nullptr;
+  ~Graph() {
+    if (exec) cudaGraphExecDestroy(exec);
+  }
+};
+
+struct CudaLayer {
+  LayerType type;
+  const float* input_norm = nullptr;
+  const float* post_norm = nullptr;
+  DevMat q_proj, k_proj, v_proj, o_proj;
+  const float* q_norm = nullptr;
+  const float* k_norm = nullptr;
+  DevMat in_qkv, in_z, in_b, in_a, out_proj;
+  const float* conv_w = nullptr;
+  const float* a_log = nullptr;
+  const float* dt_bias = nullptr;
+  const float* out_norm = nullptr;
+  DevMat router, shared_gate, sh_gate, sh_up, sh_down;
+  float* kv = nullptr;    // [capacity, 2, nkv*hd]
+  float* conv = nullptr;  // [kernel, channels], the input of position p in row p % kernel
+  float* ssm = nullptr;   // [nv, dk, dv]
+};
+
+// Events of one layer for the per-phase timing (EngineOptions::profile).
+enum { kEvMixer, kEvRouter, kEvRouted, kEvExpA0, kEvExpA1, kEvExpB0, kEvExpB1, kEvPerLayer };
+
+int resolve_k(const ModelConfig& c, int k) {
+  if (k < 0 || k > c.experts_per_tok)
+    throw std::invalid_argument("experts_per_token=" + std::to_string(k) + " is outside 1.." +
+                                std::to_string(c.experts_per_tok) + " (the model's top-k)");
+  return k == 0 ? c.experts_per_tok : k;
+}
+
+int64_t resolve_context(const ModelConfig& c, int64_t n) {
+  if (n < 0 || n > c.max_position_embeddings)
+    throw std::invalid_argument("max_context=" + std::to_string(n) + " is outside 1.." +
+                                std::to_string(c.max_position_embeddings) +
+                                " (the model's max_position_embeddings)");
+  return n == 0 ? c.max_position_embeddings : n;
+}
+
+int pick_device() {
+  const std::string why = cuda_unavailable_reason();
+  if (!why.empty()) throw std::runtime_error(why);
+  int dev = 0;
+  FM_CUDA(cudaGetDevice(&dev));
+  return dev;
+}
+
+class CudaEngine final : public Engine {
+ public:
+  CudaEngine(ModelSpec spec, const EngineOptions& o);
+  ~CudaEngine() override;
+
+  void step(int32_t token, float* logits) override;
+  void prefill(const int32_t* tokens, int64_t n, float* logits) override;
+  void reset() override;
+  int64_t position() const override { return pos_; }
+  int64_t max_context() const override { return max_context_; }
+  int experts_per_token() const override { return k_; }
+  const ModelConfig& config() const override { return c_; }
+  EngineStats stats() const override;
+  void reset_stats() override;
+  EngineState snapshot() const override;
+  void restore(const EngineState& state) override;
+  std::string describe() const override;
+
+ private:
+  DevMat dmat(const std::string& name) const;
+  const float* dvec(const std::string& name, int64_t n) const;
+  cuda::PartDesc part(const TensorInfo& t) const;
+  void upload_weights();
+  void allocate_state();
+  void setup_expert_cache(double cache_gb);
+  void preload_experts();
+  void capture_graph();
+  void check_tokens(const int32_t* tokens, int64_t n) const;
+  void forward(int32_t token, float* logits);
+  void enqueue_layers();
+  void mixer(int l);
+  void moe(int l);
+  void record(int l, int which);
+  void collect_profile();
+  cuda::ExpertArgs expert_args(int l) const;
+
+  const int device_;
+  std::map<std::string, TensorInfo> tensors_;
+  Model model_;
+  const ModelConfig& c_;
+  const int k_;
+  const int64_t max_context_;
+  const bool profile_;
+  ExpertStore store_;
+  PinnedRegistrations pinned_;  // the store's read buffers; destroyed before the store
+  cudaDeviceProp props_{};
+  int sms_ = 0;
+
+  Stream compute_, copy_;
+  cudaStream_t stream_ = compute_.s, copy_stream_ = copy_.s;
+  Graph graph_;
+
+  DeviceArray<uint8_t> weights_;
+  std::vector<CudaLayer> layers_;
+  DevMat embed_, lm_head_;
+  const float* final_norm_ = nullptr;
+  DeviceArray<float> inv_freq_;
+  DeviceArray<float> state_;  // every layer's KV / conv / recurrent state, one allocation
+  size_t state_floats_ = 0;
+
+  // activations
+  DeviceArray<float> x_, h_, mixed_, z_, bgate_, agate_, o_, q_, kraw_, vraw_, attn_part_, attn_out_;
+  DeviceArray<float> router_logits_, shared_logit_, expert_w_, act_, y_, logits_;
+  DeviceArray<int> expert_ids_, topk_counter_;
+  DeviceArray<cuda::StepParams> step_;
+  int act_stride_ = 0;
+  PinnedArray<cuda::StepParams> h_step_;
+  PinnedArray<int> h_ids_;
+  PinnedArray<float> h_logits_;
+
+  // expert cache
+  DeviceArray<uint8_t> cache_;
+  int capacity_ = 0;  // blocks
+  bool resident_ = false;
+  std::unique_ptr<cuda::ExpertCachePolicy> policy_;
+  Event routed_{false}, copied_{false};
+  double preload_s_ = 0;
+
+  // timing events, per layer kEvPerLayer plus two for the lm_head
+  std::vector<std::unique_ptr<Event>> prof_;
+  bool lm_head_timed_ = false;
+
+  int64_t pos_ = 0;
+  EngineStats stats_;
+  uint64_t bytes_at_reset_ = 0, blocks_at_reset_ = 0;
+};
+
+CudaEngine::CudaEngine(ModelSpec spec, const EngineOptions& o)
+    : device_(pick_device()),
+      tensors_(spec.tensors),
+      model_(std::move(spec)),
+      c_(model_.config()),
+      k_(resolve_k(c_, o.experts_per_token)),
+      max_context_(resolve_context(c_, o.max_context)),
+      profile_(o.profile),
+      store_(model_.experts_path(), model_.experts(), std::max(2 * k_, 16),
+             o.threads > 0 ? o.threads : std::max(2 * k_, 16), o.direct_io) {
+  if (o.threads < 0) throw std::invalid_argument("threads must be >= 0 (0 = one I/O thread per read slot)");
+  if (o.prefill_chunk < 0) throw std::invalid_argument("prefill_chunk must be in 1..4096");
+  if (o.prefill_chunk > 1)
+    throw std::invalid_argument("the CUDA backend prefills token by token; prefill_chunk > 1 is CPU-only");
+  if (o.expert_cache_gb < 0) throw std::invalid_argument("expert_cache_gb must be >= 0 (0 = what fits)");
+  if (k_ >= cuda::kMaxExperts) throw std::invalid_argument("the CUDA backend runs at most 32 experts per token");
+  FM_CUDA(cudaGetDeviceProperties(&props_, device_));
+  sms_ = props_.multiProcessorCount;
+  for (int s = 0; s < store_.slots(); ++s) pinned_.add(store_.buffer(s), model_.experts().block_stride);
+  upload_weights();
+  allocate_state();
+  FM_CUDA(cudaDeviceSynchronize());  // the plain cudaMemcpy uploads are not ordered with our streams
+  setup_expert_cache(o.expert_cache_gb);
+  if (profile_)
+    for (int i = 0; i < c_.num_layers * kEvPerLayer + 2; ++i) prof_.push_back(std::make_unique<Event>(true));
+  reset_stats();
+  reset();
+  if (resident_ && !profile_) capture_graph();
+  FM_CUDA(cudaStreamSynchronize(stream_));
+  reset_stats();
+}
+
+CudaEngine::~CudaEngine() {
+  cudaStreamSynchronize(stream_);
+  cudaStreamSynchronize(copy_stream_);
+}
+
+DevMat CudaEngine::dmat(const std::string& name) const {
+  const Matrix host = model_.matrix(name);  // validates presence and layout
+  const TensorInfo& t = tensors_.at(name);
+  const Matrix m = matrix_at(weights_.p, t);
+  DevMat d;
+  d.data = m.data;
+  d.scales = m.scales;
+  d.biases = m.biases;
+  d.rows = int(host.rows);
+  d.cols = int(host.cols);
+  d.bits = dtype_bits(t.dtype);
+  if (d.bits == 32) throw std::invalid_argument("tensor '" + name + "': f32 matrices are not supported on CUDA");
+  return d;
+}
+
+const float* CudaEngine::dvec(const std::string& name, int64_t n) const {
+  model_.vector_f32(name, n);  // validates dtype and length
+  return reinterpret_cast<const float*>(weights_.p + tensors_.at(name).offset);
+}
+
+cuda::PartDesc CudaEngine::part(const TensorInfo& t) const {
+  // docs/format.md: data, then scales, then biases, each part 64-byte aligned
+  cuda::PartDesc d;
+  d.rows = int(t.rows());
+  d.cols = int(t.cols());
+  d.bits = dtype_bits(t.dtype);
+  if (d.bits == 32) throw std::invalid_argument("expert parts must be q4, q8 or bf16 on CUDA");
+  d.data_off = t.offset;
+  if (d.bits < 16) {
+    d.scales_off = t.offset + align64(uint64_t(d.rows) * uint64_t(d.cols) * uint64_t(d.bits) / 8);
+    d.biases_off = d.scales_off + align64(uint64_t(d.rows) * uint64_t(d.cols / kGroupSize) * 2);
+  }
+  return d;
+}
+
+void CudaEngine::upload_weights() {
+  // one copy of weights.bin; views into it replace the mmap's pointers
+  const uint64_t n = model_.weights_bytes();
+  weights_.alloc(n);
+  const Matrix any = model_.matrix("embed_tokens.weight");
+  const uint8_t* host_base = any.data - tensors_.at("embed_tokens.weight").offset;
+  FM_CUDA(cudaMemcpy(weights_.p, host_base, n, cudaMemcpyHostToDevice));
+
+  const int H = c_.hidden_size;
+  embed_ = dmat("embed_tokens.weight");
+  lm_head_ = dmat("lm_head.weight");
+  final_norm_ = dvec("norm.weight", H);
+  const int kd = c_.lin_num_key_heads * c_.lin_key_head_dim;
+  const int vd = c_.lin_num_value_heads * c_.lin_value_head_dim;
+  for (int l = 0; l < c_.num_layers; ++l) {
+    const std::string p = "layers." + std::to_string(l) + ".";
+    CudaLayer w;
+    w.type = c_.layer_types[size_t(l)];
+    w.input_norm = dvec(p + "input_layernorm.weight", H);
+    w.post_norm = dvec(p + "post_attention_layernorm.weight", H);
+    if (w.type == LayerType::FullAttention) {
+      const std::string a = p + "self_attn.";
+      w.q_proj = dmat(a + "q_proj.weight");
+      w.k_proj = dmat(a + "k_proj.weight");
+      w.v_proj = dmat(a + "v_proj.weight");
+      w.o_proj = dmat(a + "o_proj.weight");
+      w.q_norm = dvec(a + "q_norm.weight", c_.head_dim);
+      w.k_norm = dvec(a + "k_norm.weight", c_.head_dim);
+    } else {
+      const std::string a = p + "linear_attn.";
+      w.in_qkv = dmat(a + "in_proj_qkv.weight");
+      w.in_z = dmat(a + "in_proj_z.weight");
+      w.in_b = dmat(a + "in_proj_b.weight");
+      w.in_a = dmat(a + "in_proj_a.weight");
+      w.out_proj = dmat(a + "out_proj.weight");
+      w.conv_w = dvec(a + "conv1d.weight", int64_t(2 * kd + vd) * c_.conv_kernel);
+      w.a_log = dvec(a + "A_log", c_.lin_num_value_heads);
+      w.dt_bias = dvec(a + "dt_bias", c_.lin_num_value_heads);
+      w.out_norm = dvec(a + "norm.weight", c_.lin_value_head_dim);
+    }
+    const std::string m = p + "mlp.";
+    w.router = dmat(m + "gate.weight");
+    w.shared_gate = dmat(m + "shared_expert_gate.weight");
+    w.sh_gate = dmat(m + "shared_expert.gate_proj.weight");
+    w.sh_up = dmat(m + "shared_expert.up_proj.weight");
+    w.sh_down = dmat(m + "shared_expert.down_proj.weight");
+    layers_.push_back(w);
+  }
+  std::vector<float> inv_freq;
+  for (int i = 0; i < c_.rotary_dim / 2; ++i)
+    inv_freq.push_back(float(1.0 / std::pow(c_.rope_theta, double(2 * i) / c_.rotary_dim)));
+  inv_freq_.alloc(inv_freq.size());
+  FM_CUDA(cudaMemcpy(inv_freq_.p, inv_freq.data(), inv_freq.size() * sizeof(float), cudaMemcpyHostToDevice));
+}
+
+void CudaEngine::allocate_state() {
+  const int H = c_.hidden_size, nh = c_.num_heads, hd = c_.head_dim, nkv = c_.num_kv_heads;
+  const int nk = c_.lin_num_key_heads, nv = c_.lin_num_value_heads;
+  const int dk = c_.lin_key_head_dim, dv = c_.lin_value_head_dim;
+  const int64_t kv_dim = int64_t(nkv) * hd, ch = 2 * int64_t(nk) * dk + int64_t(nv) * dv, vd = int64_t(nv) * dv;
+  size_t total = 0;
+  std::vector<size_t> offs;
+  for (const CudaLayer& w : layers_) {
+    offs.push_back(total);
+    total += w.type == LayerType::FullAttention ? size_t(max_context_) * 2 * size_t(kv_dim)
+                                                : size_t(c_.conv_kernel) * size_t(ch) + size_t(nv) * dk * dv;
+  }
+  state_.alloc(total);
+  state_floats_ = total;
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    CudaLayer& w = layers_[l];
+    float* base = state_.p + offs[l];
+    if (w.type == LayerType::FullAttention) {
+      w.kv = base;
+    } else {
+      w.conv = base;
+      w.ssm = base + size_t(c_.conv_kernel) * size_t(ch);
+    }
+  }
+  const int I = c_.moe_intermediate, Is = c_.shared_intermediate;
+  x_.alloc(size_t(H));
+  h_.alloc(size_t(H));
+  mixed_.alloc(size_t(std::max<int64_t>(ch, 2 * int64_t(nh) * hd)));
+  z_.alloc(size_t(vd));
+  bgate_.alloc(size_t(nv));
+  agate_.alloc(size_t(nv));
+  o_.alloc(size_t(vd));
+  q_.alloc(size_t(nh) * hd);
+  kraw_.alloc(size_t(kv_dim));
+  vraw_.alloc(size_t(kv_dim));
+  attn_part_.alloc(size_t(nh) * cuda::kAttnSplits * size_t(hd + 2));
+  attn_out_.alloc(size_t(nh) * hd);
+  router_logits_.alloc(size_t(c_.num_experts));
+  shared_logit_.alloc(1);
+  expert_ids_.alloc(size_t(k_));
+  topk_counter_.alloc(1);
+  FM_CUDA(cudaMemset(topk_counter_.p, 0, sizeof(int)));
+  expert_w_.alloc(size_t(k_));
+  act_stride_ = (std::max(I, Is) + 3) / 4 * 4;
+  act_.alloc(size_t(k_ + 1) * size_t(act_stride_));
+  y_.alloc(size_t(k_ + 1) * size_t(H));
+  logits_.alloc(size_t(c_.vocab_size));
+  step_.alloc(1);
+  h_step_.alloc(1);
+  h_ids_.alloc(size_t(k_));
+  h_logits_.alloc(size_t(c_.vocab_size));
+
+  const int widest = std::max({H, nh * hd, int(vd), I, Is});
+  const size_t smem = cuda::matvec_smem_bytes(widest);
+  if (smem > props_.sharedMemPerBlockOptin)
+    throw std::runtime_error("model too wide for this GPU's shared memory (" + std::to_string(smem) + " bytes)");
+  cuda::set_smem_limits(smem);
+}
+
+void CudaEngine::setup_expert_cache(double cache_gb) {
+  const ExpertLayout& L = model_.experts();
+  const int64_t blocks = int64_t(L.num_layers) * L.num_experts;
+  const uint64_t all = uint64_t(blocks) * L.block_stride;
+  size_t free_b = 0, total_b = 0;
+  FM_CUDA(cudaMemGetInfo(&free_b, &total_b));
+  // headroom for the runtime, graph and other users of the GPU
+  const uint64_t margin = std::max<uint64_t>(uint64_t(1) << 30, total_b / 20);
+  const uint64_t avail = free_b > margin ? free_b - margin : 0;
+  uint64_t budget;
+  if (cache_gb > 0) {
+    budget = uint64_t(cache_gb * kGB);
+    if (budget > avail)
+      throw std::runtime_error("expert_cache_gb=" + std::to_string(cache_gb) + " is more than the " +
+                               std::to_string(double(avail) / kGB) + " GB free on the GPU after weights and state");
+  } else {
+    budget = avail;
+  }
+  resident_ = budget >= all;
+  const int64_t cap = resident_ ? blocks : int64_t(budget / L.block_stride);
+  if (cap < k_)
+    throw std::runtime_error("the device expert cache holds " + std::to_string(cap) + " expert blocks (" +
+                             std::to_string(double(budget) / kGB) + " GB); at least experts_per_token=" +
+                             std::to_string(k_) + " are needed");
+  capacity_ = int(cap);
+  cache_.alloc(size_t(cap) * L.block_stride);
+  if (resident_)
+    preload_experts();
+  else
+    policy_ = std::make_unique<cuda::ExpertCachePolicy>(capacity_, int(blocks));
+}
+
+void CudaEngine::preload_experts() {
+  // every block through the read slots, each slot's copy finished before its next read
+  const auto t0 = Clock::now();
+  const ExpertLayout& L = model_.experts();
+  const int E = L.num_experts, S = store_.slots();
+  const int64_t n = int64_t(L.num_layers) * E;
+  std::vector<std::unique_ptr<Event>> copied;
+  for (int s = 0; s < S; ++s) copied.push_back(std::make_unique<Event>());
+  for (int64_t i = 0; i < std::min<int64_t>(S, n); ++i) store_.start(int(i), int(i / E), int(i % E));
+  for (int64_t i = 0; i < n; ++i) {
+    const int s = int(i % S);
+    const uint8_t* src = store_.wait(s);
+    FM_CUDA(cudaMemcpyAsync(cache_.p + uint64_t(i) * L.block_stride, src, L.block_bytes, cudaMemcpyHostToDevice,
+                            copy_stream_));
+    FM_CUDA(cudaEventRecord(copied[size_t(s)]->e, copy_stream_));
+    if (i + S < n) {
+      FM_CUDA(cudaEventSynchronize(copied[size_t(s)]->e));
+      store_.start(s, int((i + S) / E), int((i + S) % E));
+    }
+  }
+  FM_CUDA(cudaStreamSynchronize(copy_stream_));
+  preload_s_ = ms_since(t0) / 1e3;
+}
+
+void CudaEngine::capture_graph() {
+  cudaGraph_t graph = nullptr;
+  FM_CUDA(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+  try {
+    enqueue_layers();
+  } catch (...) {
+    cudaStreamEndCapture(stream_, &graph);
+    if (graph) cudaGraphDestroy(graph);
+    throw;
+  }
+  FM_CUDA(cudaStreamEndCapture(stream_, &graph));
+  const cudaError_t err = cudaGraphInstantiate(&graph_.exec, graph, 0);
+  cudaGraphDestroy(graph);
+  FM_CUDA(err);
+}
+
+void CudaEngine::reset() {
+  pos_ = 0;
+  // KV rows past the position are never read; conv rings and recurrent states start at zero
+  const int nk = c_.lin_num_key_heads, nv = c_.lin_num_value_heads;
+  const size_t ch = 2 * size_t(nk) * c_.lin_key_head_dim + size_t(nv) * c_.lin_value_head_dim;
+  for (const CudaLayer& w : layers_)
+    if (w.type == LayerType::LinearAttention)
+      FM_CUDA(cudaMemsetAsync(w.conv, 0,
+                              (size_t(c_.conv_kernel) * ch + size_t(nv) * c_.lin_key_head_dim * c_.lin_value_head_dim) *
+                                  sizeof(float),
+                              stream_));
+  FM_CUDA(cudaStreamSynchronize(stream_));
+}
+
+void CudaEngine::check_tokens(const int32_t* tokens, int64_t n) const {
+  for (int64_t i = 0; i < n; ++i)
+    if (tokens[i] < 0 || tokens[i] >= c_.vocab_size)
+      throw std::invalid_argument("token id " + std::to_string(tokens[i]) + " is outside the vocabulary (0.." +
+                                  std::to_string(c_.vocab_size - 1) + ")");
+  if (pos_ + n > max_context_)
+    throw ContextLimitError("context limit: " + std::to_string(n) + " more token(s) at position " +
+                            std::to_string(pos_) + " would pass max_context=" + std::to_string(max_context_) +
+                            "; reset() or restore a shorter state");
+}
+
+void CudaEngine::step(int32_t token, float* logits) {
+  check_tokens(&token, 1);
+  forward(token, logits);
+}
+
+void CudaEngine::prefill(const int32_t* tokens, int64_t n, float* logits) {
+  if (n <= 0) throw std::invalid_argument("prefill needs at least one token");
+  check_tokens(tokens, n);
+  const uint64_t bytes0 = store_.bytes_read(), blocks0 = store_.blocks_read();
+  for (int64_t i = 0; i < n; ++i) forward(tokens[i], i + 1 == n ? logits : nullptr);
+  stats_.prefill_tokens += uint64_t(n);
+  stats_.prefill_chunks += uint64_t(n);  // token by token
+  stats_.prefill_expert_bytes_read += store_.bytes_read() - bytes0;
+  stats_.prefill_experts_loaded += store_.blocks_read() - blocks0;
+}
+
+void CudaEngine::record(int l, int which) {
+  if (profile_) FM_CUDA(cudaEventRecord(prof_[size_t(l * kEvPerLayer + which)]->e, stream_));
+}
+
+void CudaEngine::forward(int32_t token, float* logits) {
+  const auto t0 = Clock::now();
+  h_step_.p->pos = pos_;
+  h_step_.p->token = token;
+  FM_CUDA(cudaMemcpyAsync(step_.p, h_step_.p, sizeof(cuda::StepParams), cudaMemcpyHostToDevice, stream_));
+  if (graph_.exec)
+    FM_CUDA(cudaGraphLaunch(graph_.exec, stream_));
+  else
+    enqueue_layers();
+  if (logits) {
+    const size_t base = size_t(c_.num_layers) * kEvPerLayer;
+    if (profile_) FM_CUDA(cudaEventRecord(prof_[base]->e, stream_));
+    cuda::PrologueArgs pro;
+    pro.kind = cuda::Prologue::Norm;
+    pro.src = x_.p;
+    pro.w = final_norm_;
+    pro.eps = c_.rms_norm_eps;
+    cuda::MatvecJob job;
+    job.m = lm_head_;
+    job.out = logits_.p;
+    cuda::matvec(stream_, pro, c_.hidden_size, &job, 1, sms_);
+    if (profile_) FM_CUDA(cudaEventRecord(prof_[base + 1]->e, stream_));
+    FM_CUDA(cudaMemcpyAsync(h_logits_.p, logits_.p, logits_.bytes(), cudaMemcpyDeviceToHost, stream_));
+  }
+  lm_head_timed_ = logits != nullptr;
+  FM_CUDA(cudaStreamSynchronize(stream_));
+  if (logits) std::memcpy(logits, h_logits_.p, logits_.bytes());
+  if (profile_) collect_profile();
+  if (resident_) {
+    stats_.expert_cache_hits += uint64_t(k_) * uint64_t(c_.num_layers);
+    for (auto& h : stats_.layer_cache_hits) h += uint64_t(k_);
+  }
+  ++pos_;
+  ++stats_.tokens;
+  stats_.total_ms += ms_since(t0);
+}
+
+void CudaEngine::enqueue_layers() {
+  cuda::embed(stream_, embed_, step_.p, x_.p);
+  for (int l = 0; l < c_.num_layers; ++l) {
+    record(l, kEvMixer);
+    mixer(l);
+    record(l, kEvRouter);
+    moe(l);
+  }
+}
+
+void CudaEngine::mixer(int l) {
+  const CudaLayer& w = layers_[size_t(l)];
+  const int H = c_.hidden_size;
+  cuda::PrologueArgs norm;
+  norm.kind = cuda::Prologue::Norm;
+  norm.src = x_.p;
+  norm.w = w.input_norm;
+  norm.eps = c_.rms_norm_eps;
+  if (w.type == LayerType::FullAttention) {
+    cuda::MatvecJob jobs[3];
+    jobs[0].m = w.q_proj, jobs[0].out = mixed_.p;
+    jobs[1].m = w.k_proj, jobs[1].out = kraw_.p;
+    jobs[2].m = w.v_proj, jobs[2].out = vraw_.p;
+    cuda::matvec(stream_, norm, H, jobs, 3, sms_);
+    cuda::AttnArgs a;
+    a.qg = mixed_.p;
+    a.kraw = kraw_.p;
+    a.vraw = vraw_.p;
+    a.q_norm = w.q_norm;
+    a.k_norm = w.k_norm;
+    a.inv_freq = inv_freq_.p;
+    a.q = q_.p;
+    a.kv = w.kv;
+    a.partial = attn_part_.p;
+    a.out = attn_out_.p;
+    a.step = step_.p;
+    a.nh = c_.num_heads;
+    a.nkv = c_.num_kv_heads;
+    a.hd = c_.head_dim;
+    a.rotary_dim = c_.rotary_dim;
+    a.eps = c_.rms_norm_eps;
+    cuda::attention(stream_, a);
+    cuda::PrologueArgs copy;
+    copy.src = attn_out_.p;
+    cuda::MatvecJob o;
+    o.m = w.o_proj, o.out = x_.p, o.accumulate = true;
+    cuda::matvec(stream_, copy, c_.num_heads * c_.head_dim, &o, 1, sms_);
+  } else {
+    cuda::MatvecJob jobs[4];
+    jobs[0].m = w.in_qkv, jobs[0].out = mixed_.p;
+    jobs[1].m = w.in_z, jobs[1].out = z_.p;
+    jobs[2].m = w.in_b, jobs[2].out = bgate_.p;
+    jobs[3].m = w.in_a, jobs[3].out = agate_.p;
+    cuda::matvec(stream_, norm, H, jobs, 4, sms_);
+    cuda::DeltaArgs d;
+    d.mixed = mixed_.p;
+    d.b = bgate_.p;
+    d.a = agate_.p;
+    d.conv_w = w.conv_w;
+    d.a_log = w.a_log;
+    d.dt_bias = w.dt_bias;
+    d.conv_ring = w.conv;
+    d.state = w.ssm;
+    d.o = o_.p;
+    d.step = step_.p;
+    d.nk = c_.lin_num_key_heads;
+    d.nv = c_.lin_num_value_heads;
+    d.dk = c_.lin_key_head_dim;
+    d.dv = c_.lin_value_head_dim;
+    d.kernel = c_.conv_kernel;
+    cuda::deltanet(stream_, d);
+    cuda::PrologueArgs gated;
+    gated.kind = cuda::Prologue::GatedNorm;
+    gated.src = o_.p;
+    gated.z = z_.p;
+    gated.w = w.out_norm;
+    gated.eps = c_.rms_norm_eps;
+    gated.head_dim = c_.lin_value_head_dim;
+    cuda::MatvecJob out;
+    out.m = w.out_proj, out.out = x_.p, out.accumulate = true;
+    cuda::matvec(stream_, gated, c_.lin_num_value_heads * c_.lin_value_head_dim, &out, 1, sms_);
+  }
+}
+
+cuda::ExpertArgs CudaEngine::expert_args(int l) const {
+  const CudaLayer& w = layers_[size_t(l)];
+  const ExpertLayout& L = model_.experts();
+  cuda::ExpertArgs a;
+  a.cache = cache_.p;
+  a.stride = L.block_stride;
+  a.gate = part(L.gate);
+  a.up = part(L.up);
+  a.down = part(L.down);
+  a.shared_gate = w.sh_gate;
+  a.shared_up = w.sh_up;
+  a.shared_down = w.sh_down;
+  a.ids = expert_ids_.p;
+  a.weights = expert_w_.p;
+  a.shared_logit = shared_logit_.p;
+  a.h = h_.p;
+  a.act = act_.p;
+  a.act_stride = act_stride_;
+  a.y = y_.p;
+  a.x = x_.p;
+  a.layer = l;
+  a.num_experts = c_.num_experts;
+  a.hidden = c_.hidden_size;
+  return a;
+}
+
+void CudaEngine::moe(int l) {
+  const CudaLayer& w = layers_[size_t(l)];
+  const int H = c_.hidden_size;
+  cuda::PrologueArgs norm;
+  norm.kind = cuda::Prologue::Norm;
+  norm.src = x_.p;
+  norm.w = w.post_norm;
+  norm.eps = c_.rms_norm_eps;
+  norm.norm_out = h_.p;  // the experts' input
+  cuda::MatvecJob jobs[2];
+  jobs[0].m = w.router, jobs[0].out = router_logits_.p;
+  jobs[1].m = w.shared_gate, jobs[1].out = shared_logit_.p;
+  cuda::TopkTail topk;
+  topk.counter = topk_counter_.p;
+  topk.logits = router_logits_.p;
+  topk.num_experts = c_.num_experts;
+  topk.k = k_;
+  topk.renormalize = c_.norm_topk_prob;
+  topk.ids = expert_ids_.p;
+  topk.weights = expert_w_.p;
+  cuda::matvec(stream_, norm, H, jobs, 2, sms_, &topk);
+  record(l, kEvRouted);
+  const cuda::ExpertArgs args = expert_args(l);
+
+  if (resident_) {
+    cuda::ExpertBatch all;
+    all.n = k_ + 1;
+    all.k[0] = -1, all.slot[0] = -1;
+    for (int i = 0; i < k_; ++i) all.k[i + 1] = i, all.slot[i + 1] = -1;
+    record(l, kEvExpA0);
+    cuda::experts(stream_, args, all, sms_);
+    record(l, kEvExpA1);
+    record(l, kEvExpB0);
+    cuda::expert_combine(stream_, args, k_);
+    record(l, kEvExpB1);
+    return;  // hits are counted per token in forward(): a graph replay runs no host code
+  }
+
+  // Streaming: the one synchronisation of the layer, on its routing decision.
+  FM_CUDA(cudaMemcpyAsync(h_ids_.p, expert_ids_.p, size_t(k_) * sizeof(int), cudaMemcpyDeviceToHost, stream_));
+  FM_CUDA(cudaEventRecord(routed_.e, stream_));
+  FM_CUDA(cudaEventSynchronize(routed_.e));
+  const ExpertLayout& L = model_.experts();
+  const int E = c_.num_experts;
+  cuda::ExpertBatch hits, misses;
+  hits.n = 1;
+  hits.k[0] = -1, hits.slot[0] = -1;  // the shared expert goes with the hits
+  int miss_keys[cuda::kMaxExperts];
+  for (int i = 0; i < k_; ++i) {
+    const int key = l * E + h_ids_.p[i];
+    const int slot = policy_->find(key);
+    if (slot >= 0) {
+      hits.k[hits.n] = i, hits.slot[hits.n] = slot, ++hits.n;
+    } else {
+      miss_keys[misses.n] = key;
+      misses.k[misses.n] = i, ++misses.n;
+    }
+  }
+  for (int m = 0; m < misses.n; ++m) {
+    misses.slot[m] = policy_->insert(miss_keys[m]);
+    store_.start(m, l, h_ids_.p[misses.k[m]]);
+  }
+  record(l, kEvExpA0);
+  cuda::experts(stream_, args, hits, sms_);
+  record(l, kEvExpA1);
+  if (misses.n > 0) {
+    for (int m = 0; m < misses.n; ++m) {
+      const auto t0 = Clock::now();
+      const uint8_t* src = store_.wait(m);
+      stats_.expert_io_wait_ms += ms_since(t0);
+      FM_CUDA(cudaMemcpyAsync(cache_.p + uint64_t(misses.slot[m]) * L.block_stride, src, L.block_bytes,
+                              cudaMemcpyHostToDevice, copy_stream_));
+      stats_.bytes_h2d += L.block_bytes;
+    }
+    FM_CUDA(cudaEventRecord(copied_.e, copy_stream_));
+    FM_CUDA(cudaStreamWaitEvent(stream_, copied_.e, 0));
+  }
+  record(l, kEvExpB0);
+  if (misses.n > 0) cuda::experts(stream_, args, misses, sms_);
+  cuda::expert_combine(stream_, args, k_);
+  record(l, kEvExpB1);
+  stats_.expert_cache_hits += uint64_t(hits.n - 1);
+  stats_.expert_cache_misses += uint64_t(misses.n);
+  stats_.layer_cache_hits[size_t(l)] += uint64_t(hits.n - 1);
+  stats_.layer_cache_misses[size_t(l)] += uint64_t(misses.n);
+}
+
+void CudaEngine::collect_profile() {
+  auto span = [&](size_t a, size_t b) {
+    float ms = 0;
+    FM_CUDA(cudaEventElapsedTime(&ms, prof_[a]->e, prof_[b]->e));
+    return double(ms);
+  };
+  for (int l = 0; l < c_.num_layers; ++l) {
+    const size_t e = size_t(l) * kEvPerLayer;
+    stats_.mixer_ms += span(e + kEvMixer, e + kEvRouter);
+    stats_.router_ms += span(e + kEvRouter, e + kEvRouted);
+    stats_.expert_compute_ms += span(e + kEvExpA0, e + kEvExpA1) + span(e + kEvExpB0, e + kEvExpB1);
+  }
+  if (lm_head_timed_) {
+    const size_t base = size_t(c_.num_layers) * kEvPerLayer;
+    stats_.lm_head_ms += span(base, base + 1);
+  }
+}
+
+EngineStats CudaEngine::stats() const {
+  EngineStats s = stats_;
+  s.expert_bytes_read = store_.bytes_read() - bytes_at_reset_;
+  s.experts_loaded = store_.blocks_read() - blocks_at_reset_;
+  return s;
+}
+
+void CudaEngine::reset_stats() {
+  stats_ = EngineStats{};
+  stats_.layer_cache_hits.assign(size_t(c_.num_layers), 0);
+  stats_.layer_cache_misses.assign(size_t(c_.num_layers), 0);
+  bytes_at_reset_ = store_.bytes_read();
+  blocks_at_reset_ = store_.blocks_read();
+}
+
+// The CPU engine's state layout (csrc/cpu/engine.cpp), so snapshots move between backends:
+// kv [position, 2, nkv*hd] per full-attention layer, conv [kernel-1, channels] oldest first and
+// ssm [nv, dk, dv] per DeltaNet layer; the other layers' entries are empty.
+EngineState CudaEngine::snapshot() const {
+  FM_CUDA(cudaStreamSynchronize(stream_));
+  const size_t n = layers_.size();
+  const size_t kv_dim = size_t(c_.num_kv_heads) * c_.head_dim;
+  const size_t ch = 2 * size_t(c_.lin_num_key_heads) * c_.lin_key_head_dim +
+                    size_t(c_.lin_num_value_heads) * c_.lin_value_head_dim;
+  const size_t ssm = size_t(c_.lin_num_value_heads) * c_.lin_key_head_dim * c_.lin_value_head_dim;
+  const int K = c_.conv_kernel;
+  EngineState s;
+  s.position = pos_;
+  s.buffers.resize(3 * n);
+  for (size_t l = 0; l < n; ++l) {
+    const CudaLayer& w = layers_[l];
+    if (w.type == LayerType::FullAttention) {
+      auto& kv = s.buffers[l];
+      kv.resize(size_t(pos_) * 2 * kv_dim);
+      FM_CUDA(cudaMemcpyAsync(kv.data(), w.kv, kv.size() * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+    } else {
+      std::vector<float> ring(size_t(K) * ch);
+      FM_CUDA(cudaMemcpyAsync(ring.data(), w.conv, ring.size() * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+      FM_CUDA(cudaStreamSynchronize(stream_));
+      auto& conv = s.buffers[n + l];
+      conv.resize(size_t(K - 1) * ch);
+      for (int t = 0; t < K - 1; ++t) {
+        const int64_t p = pos_ - (K - 1) + t;
+        const int slot = int(((p % K) + K) % K);
+        std::copy_n(ring.begin() + int64_t(slot) * int64_t(ch), ch, conv.begin() + int64_t(t) * int64_t(ch));
+      }
+      auto& st = s.buffers[2 * n + l];
+      st.resize(ssm);
+      FM_CUDA(cudaMemcpyAsync(st.data(), w.ssm, ssm * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+    }
+  }
+  FM_CUDA(cudaStreamSynchronize(stream_));
+  return s;
+}
+
+void CudaEngine::restore(const EngineState& s) {
+  const size_t n = layers_.size();
+  const size_t kv_dim = size_t(c_.num_kv_heads) * c_.head_dim;
+  const size_t ch = 2 * size_t(c_.lin_num_key_heads) * c_.lin_key_head_dim +
+                    size_t(c_.lin_num_value_heads) * c_.lin_value_head_dim;
+  const size_t ssm = size_t(c_.lin_num_value_heads) * c_.lin_key_head_dim * c_.lin_value_head_dim;
+  const int K = c_.conv_kernel;
+  if (s.buffers.size() != 3 * n) throw std::invalid_argument("state snapshot is from another model");
+  if (s.position < 0 || s.position > max_context_)
+    throw std::invalid_argument("state snapshot is longer than max_context");
+  for (size_t l = 0; l < n; ++l) {
+    const bool full = layers_[l].type == LayerType::FullAttention;
+    const size_t want_kv = full ? size_t(s.position) * 2 * kv_dim : 0;
+    const size_t want_conv = full ? 0 : size_t(K - 1) * ch;
+    const size_t want_ssm = full ? 0 : ssm;
+    if (s.buffers[l].size() != want_kv || s.buffers[n + l].size() != want_conv || s.buffers[2 * n + l].size() != want_ssm)
+      throw std::invalid_argument("state snapshot is from another model");
+  }
+  FM_CUDA(cudaStreamSynchronize(stream_));
+  for (size_t l = 0; l < n; ++l) {
+    const CudaLayer& w = layers_[l];
+    if (w.type == LayerType::FullAttention) {
+      FM_CUDA(cudaMemcpyAsync(w.kv, s.buffers[l].data(), s.buffers[l].size() * sizeof(float), cudaMemcpyHostToDevice,
+                              stream_));
+    } else {
+      std::vector<float> ring(size_t(K) * ch, 0.0f);
+      for (int t = 0; t < K - 1; ++t) {
+        const int64_t p = s.position - (K - 1) + t;
+        const int slot = int(((p % K) + K) % K);
+        std::copy_n(s.buffers[n + l].begin() + int64_t(t) * int64_t(ch), ch, ring.begin() + int64_t(slot) * int64_t(ch));
+      }
+      FM_CUDA(cudaMemcpyAsync(w.conv, ring.data(), ring.size() * sizeof(float), cudaMemcpyHostToDevice, stream_));
+      FM_CUDA(cudaMemcpyAsync(w.ssm, s.buffers[2 * n + l].data(), ssm * sizeof(float), cudaMemcpyHostToDevice,
+                              stream_));
+      FM_CUDA(cudaStreamSynchronize(stream_));  // before `ring` goes
+    }
+  }
+  FM_CUDA(cudaStreamSynchronize(stream_));
+  pos_ = s.position;
+}
+
+std::string CudaEngine::describe() const {
+  char buf[512];
+  const double gb = double(capacity_) * double(model_.experts().block_stride) / kGB;
+  const int blocks = c_.num_layers * c_.num_experts;
+  if (resident_)
+    std::snprintf(buf, sizeof buf, "cuda (%s, %d SMs): all %d expert blocks resident, %.2f GB, loaded in %.1f s%s",
+                  props_.name, sms_, blocks, gb, preload_s_, profile_ ? ", profiling" : ", CUDA graph");
+  else
+    std::snprintf(buf, sizeof buf, "cuda (%s, %d SMs): expert cache %d of %d blocks, %.2f GB, LRU; %d read slots%s",
+                  props_.name, sms_, capacity_, blocks, gb, store_.slots(), profile_ ? ", profiling" : "");
+  return buf;
+}
+
+}  // namespace
+
+std::string cuda_unavailable_reason() {
+  static const std::string reason = [] {
+    int n = 0;
+    const cudaError_t err = cudaGetDeviceCount(&n);
+    if (err == cudaErrorInsufficientDriver || err == cudaErrorNoDevice)
+      return std::string("no usable CUDA GPU: no NVIDIA driver or GPU here, or a driver older than this build's "
+                         "CUDA runtime (") + cudaGetErrorName(err) + ")";
+    if (err != cudaSuccess)
+      return std::string("no usable CUDA GPU: ") + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
+    if (n == 0) return std::string("no CUDA GPU found");
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+      return std::string("no usable CUDA GPU: cannot query device properties");
+    if (major < 8)
+      return "CUDA GPU " + std::to_string(dev) + " has compute capability " + std::to_string(major) +
+             ".x; this build needs 8.0 or newer";
+    return std::string();
+  }();
+  return reason;
+}
+
+std::unique_ptr<Engine> make_cuda_engine(ModelSpec spec, const EngineOptions& options) {
+  return std::make_unique<CudaEngine>(std::move(spec), options);
+}
+
+}  // namespace fm

@@ -1,0 +1,860 @@
+// CUDA kernels of the per-token loop (see kernels.cuh). Every reduction has a fixed order, so a
+// token's logits are the same bits each time it is run.
+#include <cmath>
+#include <cstdio>
+
+#include "cuda/kernels.cuh"
+
+namespace fm::cuda {
+
+void check(cudaError_t err, const char* what, const char* file, int line) {
+  if (err == cudaSuccess) return;
+  throw std::runtime_error(std::string("CUDA error at ") + file + ":" + std::to_string(line) + " (" + what +
+                           "): " + cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+}
+
+namespace {
+
+constexpr int kWarps = kThreads / 32;
+constexpr int kAttnWarps = 4;
+constexpr int kMaxHeadDim = 512;
+
+__host__ __device__ inline int padded_cols(int cols) { return (cols + 31) / 32 * 32; }
+__host__ __device__ inline int lanes_per_row(int cols, int bits) {
+  const int cpr = cols * bits / 128;  // 16-byte chunks per row
+  int lpr = 32;
+  while (lpr > cpr) lpr >>= 1;
+  return lpr;
+}
+
+__device__ __forceinline__ float bf16f(uint16_t v) { return __uint_as_float(uint32_t(v) << 16); }
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
+__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+__device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+
+// x lives in shared memory as float4s whose index is XOR-swizzled within each group of 8, so the
+// lanes of a warp reading consecutive 16/32/64-byte chunks of x hit distinct banks.
+__device__ __forceinline__ int swz(int f) { return f ^ ((f >> 3) & 7); }
+__device__ __forceinline__ int xpos(int i) { return swz(i >> 2) * 4 + (i & 3); }
+
+// Small integer q (< 2^23) to float exactly: one OR and one subtract instead of a slow I2F.
+__device__ __forceinline__ float qf(uint32_t q) { return __uint_as_float(0x4B000000u | q) - 8388608.0f; }
+
+__device__ __forceinline__ uint4 load_stream(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+
+// Sum over the block, returned to every thread; red holds blockDim.x/32 floats.
+__device__ float block_sum(float v, float* red) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+  v = warp_sum(v);
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float t = 0.0f;
+  for (int i = 0; i < nw; ++i) t += red[i];
+  __syncthreads();
+  return t;
+}
+// dot of one 16-byte chunk of a row with the matching x values (x[0..] as float4s).
+template <int BITS>
+__device__ __forceinline__ float dot_chunk(const uint4& w, const float4* x);
+
+template <>
+__device__ __forceinline__ float dot_chunk<4>(const uint4& w, const float4* x) {
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+  float a = 0.0f, b = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t v = words[i];
+    const float4 lo = x[2 * i], hi = x[2 * i + 1];
+    a = fmaf(qf(v & 15u), lo.x, a);
+    b = fmaf(qf((v >> 4) & 15u), lo.y, b);
+    a = fmaf(qf((v >> 8) & 15u), lo.z, a);
+    b = fmaf(qf((v >> 12) & 15u), lo.w, b);
+    a = fmaf(qf((v >> 16) & 15u), hi.x, a);
+    b = fmaf(qf((v >> 20) & 15u), hi.y, b);
+    a = fmaf(qf((v >> 24) & 15u), hi.z, a);
+    b = fmaf(qf(v >> 28), hi.w, b);
+  }
+  return a + b;
+}
+
+template <>
+__device__ __forceinline__ float dot_chunk<8>(const uint4& w, const float4* x) {
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+  float a = 0.0f, b = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t v = words[i];
+    a = fmaf(qf(v & 255u), x[i].x, a);
+    b = fmaf(qf((v >> 8) & 255u), x[i].y, b);
+    a = fmaf(qf((v >> 16) & 255u), x[i].z, a);
+    b = fmaf(qf(v >> 24), x[i].w, b);
+  }
+  return a + b;
+}
+
+template <>
+__device__ __forceinline__ float dot_chunk<16>(const uint4& w, const float4* x) {
+  float a = 0.0f, b = 0.0f;
+  a = fmaf(__uint_as_float(w.x << 16), x[0].x, a);
+  b = fmaf(__uint_as_float(w.x & 0xFFFF0000u), x[0].y, b);
+  a = fmaf(__uint_as_float(w.y << 16), x[0].z, a);
+  b = fmaf(__uint_as_float(w.y & 0xFFFF0000u), x[0].w, b);
+  a = fmaf(__uint_as_float(w.z << 16), x[1].x, a);
+  b = fmaf(__uint_as_float(w.z & 0xFFFF0000u), x[1].y, b);
+  a = fmaf(__uint_as_float(w.w << 16), x[1].z, a);
+  b = fmaf(__uint_as_float(w.w & 0xFFFF0000u), x[1].w, b);
+  return a + b;
+}
+
+// One lane's share of N same-shaped matrices' rows row0..row0+nrows-1 (nrows <= RT): its chunks
+// sub, sub+lpr, ... of each row, U = 4/RT chunks at a time so that 4 loads per matrix are in flight
+// per lane whatever the tile height. Quantized rows use the rearranged form
+// sum_g scale_g * dot(q_g, x_g) + bias_g * sum(x_g), with sum(x_g) precomputed in gsum.
+template <int BITS, int N, int RT>
+__device__ __forceinline__ void tile_dot(const DevMat* m, int row0, int nrows, const float4* xs,
+                                         const float* gsum, int sub, int lpr, float (&acc)[N][RT]) {
+  constexpr int E = 128 / BITS;  // elements per chunk
+  constexpr int X4 = E / 4;
+  constexpr int U = 4 / RT;
+  const int cols = m[0].cols;
+  const int cpr = cols / E;
+  const int groups = cols / 64;
+  for (int c0 = sub; c0 < cpr; c0 += U * lpr) {
+    uint4 w[U][N][RT];
+    uint16_t sc[U][N][RT], bi[U][N][RT];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + u * lpr;
+#pragma unroll
+      for (int n = 0; n < N; ++n)
+#pragma unroll
+        for (int r = 0; r < RT; ++r) {
+          const bool ok = c < cpr && r < nrows;
+          w[u][n][r] = ok ? load_stream(reinterpret_cast<const uint4*>(m[n].data) + size_t(row0 + r) * cpr + c)
+                          : make_uint4(0, 0, 0, 0);
+          if constexpr (BITS != 16) {
+            const size_t gi = size_t(row0 + r) * groups + c * E / 64;
+            sc[u][n][r] = ok ? m[n].scales[gi] : uint16_t(0);
+            bi[u][n][r] = ok ? m[n].biases[gi] : uint16_t(0);
+          }
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + u * lpr;
+      if (c >= cpr) break;
+      float4 x[X4];
+#pragma unroll
+      for (int i = 0; i < X4; ++i) x[i] = xs[swz(c * X4 + i)];
+      if constexpr (BITS == 16) {
+#pragma unroll
+        for (int n = 0; n < N; ++n)
+#pragma unroll
+          for (int r = 0; r < RT; ++r) acc[n][r] += dot_chunk<16>(w[u][n][r], x);
+      } else {
+        const float gs = (c * E) % 64 == 0 ? gsum[c * E / 64] : 0.0f;  // the bias term once per group
+#pragma unroll
+        for (int n = 0; n < N; ++n)
+#pragma unroll
+          for (int r = 0; r < RT; ++r)
+            acc[n][r] += fmaf(bf16f(sc[u][n][r]), dot_chunk<BITS>(w[u][n][r], x), bf16f(bi[u][n][r]) * gs);
+      }
+    }
+  }
+}
+
+template <int N, int RT, class Emit>
+__device__ __forceinline__ void rows_dot_rt(const DevMat* m, int r0, int r1, int worker, int workers,
+                                            const float* xs, const float* gsum, Emit&& emit) {
+  const int lane = threadIdx.x & 31;
+  const int lpr = lanes_per_row(m[0].cols, m[0].bits);
+  const int seg = lane / lpr, sub = lane % lpr;
+  const int per_tile = (32 / lpr) * RT;
+  for (int base = r0 + worker * per_tile; base < r1; base += workers * per_tile) {
+    const int row0 = base + seg * RT;
+    const int nrows = max(0, min(RT, r1 - row0));
+    float acc[N][RT] = {};
+    const float4* x4 = reinterpret_cast<const float4*>(xs);
+    if (m[0].bits == 4)
+      tile_dot<4, N, RT>(m, row0, nrows, x4, gsum, sub, lpr, acc);
+    else if (m[0].bits == 8)
+      tile_dot<8, N, RT>(m, row0, nrows, x4, gsum, sub, lpr, acc);
+    else
+      tile_dot<16, N, RT>(m, row0, nrows, x4, gsum, sub, lpr, acc);
+#pragma unroll
+    for (int n = 0; n < N; ++n)
+#pragma unroll
+      for (int r = 0; r < RT; ++r)
+        for (int off = lpr >> 1; off > 0; off >>= 1) acc[n][r] += __shfl_xor_sync(0xffffffffu, acc[n][r], off);
+    if (sub == 0)
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        if (r >= nrows) break;
+        if constexpr (N == 1)
+          emit(row0 + r, acc[0][r]);
+        else
+          emit(row0 + r, acc[0][r], acc[1][r]);
+      }
+  }
+}
+
+// Rows [r0, r1) of N same-shaped matrices times the block's x, as tiles of rt rows per segment of
+// lpr lanes (a whole warp for rows of 32+ chunks, else several rows side by side). Worker w of
+// `workers` (one warp each) takes tiles w, w+workers, ...; emit(row, dots...) runs on one lane per row.
+template <int N, class Emit>
+__device__ __forceinline__ void rows_dot(const DevMat* m, int rt, int r0, int r1, int worker, int workers,
+                                         const float* xs, const float* gsum, Emit&& emit) {
+  if (rt == 4)
+    rows_dot_rt<N, 4>(m, r0, r1, worker, workers, xs, gsum, emit);
+  else if (rt == 2)
+    rows_dot_rt<N, 2>(m, r0, r1, worker, workers, xs, gsum, emit);
+  else
+    rows_dot_rt<N, 1>(m, r0, r1, worker, workers, xs, gsum, emit);
+}
+
+// Starts streaming a block's rows of m into L2 while the block builds x (one thread issues it).
+__device__ __forceinline__ void prefetch_l2(const void* p, uint64_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint64_t a = reinterpret_cast<uint64_t>(p) & ~uint64_t(15);
+  const uint64_t end = (reinterpret_cast<uint64_t>(p) + bytes + 15) & ~uint64_t(15);
+  while (a < end) {
+    const uint64_t left = end - a;
+    const uint32_t n = uint32_t(left < 65536 ? left : 65536);
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a), "r"(n) : "memory");
+    a += n;
+  }
+#else
+  // sm_80/89: no bulk prefetch; the tile loads alone fetch the rows
+  (void)p, (void)bytes;
+#endif
+}
+
+// At most the first 32 KiB of a block's rows: about what its first tiles read; prefetching all of a
+// big matrix's rows at once would overflow L2 before they are used.
+__device__ __forceinline__ void prefetch_rows(const DevMat& m, int r0, int r1) {
+  if (threadIdx.x != 0 || r0 >= r1) return;
+  const uint64_t row_bytes = uint64_t(m.cols) * m.bits / 8;
+  const uint64_t n = min(uint64_t(r1 - r0), max(uint64_t(1), uint64_t(32768) / row_bytes));
+  prefetch_l2(m.data + r0 * row_bytes, n * row_bytes);
+  if (m.bits != 16) {
+    const uint64_t g = uint64_t(m.cols) / 64;
+    prefetch_l2(m.scales + r0 * g, n * g * 2);
+    prefetch_l2(m.biases + r0 * g, n * g * 2);
+  }
+}
+
+// Shared memory of one input vector: x (swizzled, padded to 32), group sums, reduction space.
+__host__ __device__ inline size_t vector_floats(int cols) { return size_t(padded_cols(cols)) + cols / 64 + 4; }
+
+// Builds the block's x and group sums from the prologue; every thread of the block takes part.
+__device__ void load_x(const PrologueArgs& p, int cols, float* xs, float* gsum, float* red) {
+  const int tid = threadIdx.x, nt = blockDim.x, warp = tid >> 5, lane = tid & 31, nw = nt >> 5;
+  float ss = 0.0f;
+  for (int i = tid; i < cols; i += nt) {
+    const float v = p.src[i];
+    xs[xpos(i)] = v;
+    ss += v * v;
+  }
+  if (p.kind == Prologue::Norm) {
+    const float inv = 1.0f / sqrtf(block_sum(ss, red) / float(cols) + p.eps);
+    for (int i = tid; i < cols; i += nt) {
+      const float v = xs[xpos(i)] * inv * (1.0f + p.w[i]);
+      xs[xpos(i)] = v;
+      if (p.norm_out && blockIdx.x == 0) p.norm_out[i] = v;
+    }
+  } else if (p.kind == Prologue::GatedNorm) {
+    __syncthreads();
+    const int hd = p.head_dim, heads = cols / hd;
+    float* head_ss = red + nw;
+    for (int h = warp; h < heads; h += nw) {
+      float s = 0.0f;
+      for (int i = lane; i < hd; i += 32) {
+        const float v = xs[xpos(h * hd + i)];
+        s += v * v;
+      }
+      s = warp_sum(s);
+      if (lane == 0) head_ss[h] = s;
+    }
+    __syncthreads();
+    for (int i = tid; i < cols; i += nt) {
+      const int h = i / hd;
+      const float inv = 1.0f / sqrtf(head_ss[h] / float(hd) + p.eps);
+      xs[xpos(i)] = xs[xpos(i)] * inv * p.w[i % hd] * silu(p.z[i]);
+    }
+  }
+  __syncthreads();
+  for (int g = warp; g < cols / 64; g += nw) {
+    float s = xs[xpos(g * 64 + lane)] + xs[xpos(g * 64 + 32 + lane)];
+    s = warp_sum(s);
+    if (lane == 0) gsum[g] = s;
+  }
+  __syncthreads();
+}
+
+// How a launch covers a matrix: rt rows per warp tile (4 reuse each x chunk 4 times; matrices
+// with few rows take 2 or 1 so that more warps stream them) and rows per block.
+struct Tiling {
+  int rt = 1, rows_per_block = 0;
+};
+
+Tiling tiling(const DevMat& m, int sms) {
+  const int segs = 32 / lanes_per_row(m.cols, m.bits);
+  const int64_t want_warps = int64_t(sms) * 8;
+  Tiling t;
+  for (int rt : {4, 2})
+    if (m.rows / (rt * segs) >= want_warps) {
+      t.rt = rt;
+      break;
+    }
+  // a big matrix gives each block several tiles per warp (about two blocks per SM), so that the x
+  // prologue is paid fewer times
+  const int per_iter = kWarps * segs * t.rt;
+  const int64_t iters = std::max<int64_t>(1, m.rows / (int64_t(per_iter) * sms * 2));
+  t.rows_per_block = int(per_iter * iters);
+  return t;
+}
+
+// Softmax, top-k (ties to the lower index) and optional renormalisation by one warp; the
+// probabilities live in registers, kTopkPerLane per lane.
+constexpr int kTopkPerLane = 32;
+__device__ void warp_topk(const TopkTail& t) {
+  const int lane = threadIdx.x & 31, E = t.num_experts;
+  float v[kTopkPerLane];
+  float mx = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < kTopkPerLane; ++i) {
+    const int e = lane + 32 * i;
+    v[i] = e < E ? __ldcg(t.logits + e) : -INFINITY;  // L2: written by other blocks
+    mx = fmaxf(mx, v[i]);
+  }
+  mx = warp_max(mx);
+  float sum = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kTopkPerLane; ++i) {
+    v[i] = lane + 32 * i < E ? expf(v[i] - mx) : -1.0f;  // -1: never chosen
+    sum += fmaxf(v[i], 0.0f);
+  }
+  sum = warp_sum(sum);
+#pragma unroll
+  for (int i = 0; i < kTopkPerLane; ++i)
+    if (lane + 32 * i < E) v[i] /= sum;
+  float my_w = 0.0f, wsum = 0.0f;
+  int my_id = 0;
+  for (int k = 0; k < t.k; ++k) {
+    float bv = -2.0f;
+    int bi = INT_MAX;
+#pragma unroll
+    for (int i = 0; i < kTopkPerLane; ++i)
+      if (v[i] > bv) bv = v[i], bi = lane + 32 * i;  // i ascending: ties keep the lower index
+    for (int off = 16; off > 0; off >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, off);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, off);
+      if (ov > bv || (ov == bv && oi < bi)) bv = ov, bi = oi;
+    }
+#pragma unroll
+    for (int i = 0; i < kTopkPerLane; ++i)
+      if (lane + 32 * i == bi) v[i] = -1.0f;
+    if (lane == k) my_id = bi, my_w = bv;
+    wsum += bv;
+  }
+  if (lane < t.k) {
+    t.ids[lane] = my_id;
+    t.weights[lane] = t.renormalize ? my_w / wsum : my_w;
+  }
+}
+
+struct MatvecParams {
+  PrologueArgs pro;
+  int cols = 0, njobs = 0;
+  MatvecJob jobs[kMaxJobs];
+  int first_block[kMaxJobs + 1] = {};
+  Tiling tiles[kMaxJobs];
+  TopkTail tail;
+};
+
+__global__ void __launch_bounds__(kThreads) matvec_kernel(const __grid_constant__ MatvecParams p) {
+  extern __shared__ float4 smem4[];
+  int j = 0;
+  while (j + 1 < p.njobs && int(blockIdx.x) >= p.first_block[j + 1]) ++j;
+  const MatvecJob& job = p.jobs[j];
+  const int r0 = (int(blockIdx.x) - p.first_block[j]) * p.tiles[j].rows_per_block;
+  const int r1 = min(job.m.rows, r0 + p.tiles[j].rows_per_block);
+  prefetch_rows(job.m, r0, r1);
+  float* xs = reinterpret_cast<float*>(smem4);
+  float* gsum = xs + padded_cols(p.cols);
+  float* red = gsum + p.cols / 64 + 4;
+  load_x(p.pro, p.cols, xs, gsum, red);
+  float* out = job.out;
+  const bool acc = job.accumulate;
+  rows_dot<1>(&job.m, p.tiles[j].rt, r0, r1, threadIdx.x >> 5, kWarps, xs, gsum, [&](int r, float v) {
+    if (acc)
+      out[r] += v;
+    else
+      out[r] = v;
+  });
+  if (p.tail.counter) {
+    // the last block to finish sees every logit (each block's writes are fenced before it counts)
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(p.tail.counter, 1) == int(gridDim.x) - 1;
+    __syncthreads();
+    if (last) {
+      if (threadIdx.x < 32) warp_topk(p.tail);
+      if (threadIdx.x == 0) *p.tail.counter = 0;
+    }
+  }
+}
+
+void check_matrix(const DevMat& m, int cols) {
+  if (m.cols != cols) throw std::logic_error("matvec: a job's cols differ from the launch's");
+  if (m.bits == 4 || m.bits == 8) {
+    if (cols % 64) throw std::invalid_argument("quantized matrix cols must be a multiple of 64");
+  } else if (m.bits == 16) {
+    if (cols % 8) throw std::invalid_argument("bf16 matrix cols must be a multiple of 8 for the CUDA kernels");
+  } else {
+    throw std::invalid_argument("CUDA matvec supports q4, q8 and bf16 matrices");
+  }
+}
+
+__global__ void embed_kernel(DevMat t, const StepParams* step, float* x) {
+  const int64_t row = step->token;
+  const int cols = t.cols;
+  for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
+    float v;
+    if (t.bits == 16) {
+      v = bf16f(reinterpret_cast<const uint16_t*>(t.data)[row * cols + c]);
+    } else {
+      const int64_t g = row * (cols / 64) + c / 64;
+      uint32_t q;
+      if (t.bits == 8)
+        q = t.data[row * cols + c];
+      else
+        q = (t.data[(row * cols + c) / 2] >> (4 * (c & 1))) & 15u;
+      v = float(q) * bf16f(t.scales[g]) + bf16f(t.biases[g]);
+    }
+    x[c] = v;
+  }
+}
+
+// One block per head: blocks [0, nh) the queries, [nh, nh+nkv) the keys (and their values).
+__global__ void qk_prep_kernel(AttnArgs a) {
+  __shared__ float buf[kMaxHeadDim];
+  __shared__ float red[32];
+  const int hd = a.hd, t = threadIdx.x, head = blockIdx.x;
+  const int64_t pos = a.step->pos;
+  const bool is_q = head < a.nh;
+  const int kvh = head - a.nh;
+  const float* src = is_q ? a.qg + int64_t(head) * 2 * hd : a.kraw + int64_t(kvh) * hd;
+  const float* w = is_q ? a.q_norm : a.k_norm;
+  const float v = src[t];
+  const float inv = 1.0f / sqrtf(block_sum(v * v, red) / float(hd) + a.eps);
+  buf[t] = v * inv * (1.0f + w[t]);
+  __syncthreads();
+  const int half = a.rotary_dim / 2;
+  float out = buf[t];
+  if (t < a.rotary_dim) {
+    const int i = t < half ? t : t - half;
+    const float angle = float(pos) * a.inv_freq[i];
+    const float c = cosf(angle), s = sinf(angle);
+    out = t < half ? buf[t] * c - buf[t + half] * s : buf[t] * c + buf[t - half] * s;
+  }
+  if (is_q) {
+    a.q[int64_t(head) * hd + t] = out;
+  } else {
+    const int kv_dim = a.nkv * hd;
+    float* row = a.kv + pos * 2 * kv_dim;
+    row[kvh * hd + t] = out;
+    row[kv_dim + kvh * hd + t] = a.vraw[kvh * hd + t];
+  }
+}
+
+// Block (head, split): online softmax over the split's positions, one warp per position at a
+// time; writes (max, sum, unnormalised output) for the combine.
+__global__ void __launch_bounds__(kAttnWarps * 32) attn_partial_kernel(AttnArgs a) {
+  constexpr int kE = kMaxHeadDim / 32;
+  __shared__ float sm[kAttnWarps], sl[kAttnWarps];
+  __shared__ float sacc[kAttnWarps][kMaxHeadDim];
+  const int h = blockIdx.x, s = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int hd = a.hd, E = hd / 32;
+  const int64_t len = a.step->pos + 1;
+  const int64_t chunk = (len + kAttnSplits - 1) / kAttnSplits;
+  const int64_t t0 = s * chunk, t1 = min(len, t0 + chunk);
+  const int kv_dim = a.nkv * hd;
+  const int kvh = h / (a.nh / a.nkv);
+  const float scale = 1.0f / sqrtf(float(hd));
+  float q[kE], acc[kE];
+#pragma unroll
+  for (int e = 0; e < kE; ++e) {
+    q[e] = e < E ? a.q[int64_t(h) * hd + lane + 32 * e] : 0.0f;
+    acc[e] = 0.0f;
+  }
+  float m = -INFINITY, l = 0.0f;
+  for (int64_t t = t0 + warp; t < t1; t += kAttnWarps) {
+    const float* k = a.kv + t * 2 * kv_dim + int64_t(kvh) * hd;
+    const float* v = k + kv_dim;
+    float d = 0.0f;
+#pragma unroll
+    for (int e = 0; e < kE; ++e)
+      if (e < E) d += q[e] * k[lane + 32 * e];
+    d = warp_sum(d) * scale;
+    const float mn = fmaxf(m, d);
+    const float c = expf(m - mn), p = expf(d - mn);
+    l = l * c + p;
+#pragma unroll
+    for (int e = 0; e < kE; ++e)
+      if (e < E) acc[e] = acc[e] * c + p * v[lane + 32 * e];
+    m = mn;
+  }
+  if (lane == 0) sm[warp] = m, sl[warp] = l;
+#pragma unroll
+  for (int e = 0; e < kE; ++e)
+    if (e < E) sacc[warp][lane + 32 * e] = acc[e];
+  __syncthreads();
+  float M = -INFINITY;
+  for (int w = 0; w < kAttnWarps; ++w) M = fmaxf(M, sm[w]);
+  float* out = a.partial + (int64_t(h) * kAttnSplits + s) * (hd + 2);
+  for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+    float o = 0.0f;
+    for (int w = 0; w < kAttnWarps; ++w)
+      if (sm[w] > -INFINITY) o += sacc[w][i] * expf(sm[w] - M);
+    out[2 + i] = o;
+  }
+  if (threadIdx.x == 0) {
+    float L = 0.0f;
+    for (int w = 0; w < kAttnWarps; ++w)
+      if (sm[w] > -INFINITY) L += sl[w] * expf(sm[w] - M);
+    out[0] = M;
+    out[1] = L;
+  }
+}
+
+// Block per head: merges the splits, divides by the softmax sum, applies the output gate.
+__global__ void attn_combine_kernel(AttnArgs a) {
+  const int h = blockIdx.x, hd = a.hd;
+  const float* part = a.partial + int64_t(h) * kAttnSplits * (hd + 2);
+  float M = -INFINITY;
+  for (int s = 0; s < kAttnSplits; ++s) M = fmaxf(M, part[s * (hd + 2)]);
+  float L = 0.0f;
+  for (int s = 0; s < kAttnSplits; ++s) {
+    const float ms = part[s * (hd + 2)];
+    if (ms > -INFINITY) L += part[s * (hd + 2) + 1] * expf(ms - M);
+  }
+  for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+    float o = 0.0f;
+    for (int s = 0; s < kAttnSplits; ++s) {
+      const float ms = part[s * (hd + 2)];
+      if (ms > -INFINITY) o += part[s * (hd + 2) + 2 + i] * expf(ms - M);
+    }
+    a.out[int64_t(h) * hd + i] = o / L * sigmoid(a.qg[int64_t(h) * 2 * hd + hd + i]);
+  }
+}
+
+// Block (value head j, 32 value columns): conv + SiLU of the q/k of its key head and of its v
+// columns, L2 norms, gates, then the state columns: S = e^g S; S += k (beta (v - S^T k))^T;
+// o = S^T q. Warp w holds state rows w, w+8, ... in registers between the two passes.
+__global__ void __launch_bounds__(256) deltanet_kernel(DeltaArgs a) {
+  extern __shared__ float sh[];
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int j = blockIdx.x, cb = blockIdx.y * 32;
+  const int dk = a.dk, dv = a.dv, K = a.kernel;
+  const int kd = a.nk * dk, ch = 2 * kd + a.nv * dv, ratio = a.nv / a.nk, kh = j / ratio;
+  const int64_t pos = a.step->pos;
+  const int cur = int(pos % K);
+  // the state columns first: their loads fly while the conv and norms are computed
+  constexpr int kRows = kMaxDeltaKeyDim / 8;
+  const int b = cb + lane;
+  const bool col_ok = b < dv;
+  float* S = a.state + int64_t(j) * dk * dv;
+  float s[kRows];
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    const int r = warp + 8 * i;
+    s[i] = r < dk && col_ok ? S[int64_t(r) * dv + b] : 0.0f;
+  }
+  float* qk = sh;           // [2*dk]: q then k of key head kh
+  float* vs = qk + 2 * dk;  // [32]
+  float* red = vs + 32;     // [8*32]
+  auto conv = [&](int chan) {
+    float acc = a.conv_w[int64_t(chan) * K + K - 1] * a.mixed[chan];
+    for (int t = 0; t < K - 1; ++t) {
+      const int64_t p = pos - (K - 1) + t;  // the input of position p sits in slot p mod K (0 before p=0)
+      const int slot = int(((p % K) + K) % K);
+      acc += a.conv_w[int64_t(chan) * K + t] * a.conv_ring[int64_t(slot) * ch + chan];
+    }
+    return silu(acc);
+  };
+  auto qk_chan = [&](int c) { return c < dk ? kh * dk + c : kd + kh * dk + (c - dk); };
+  for (int c = tid; c < 2 * dk; c += blockDim.x) qk[c] = conv(qk_chan(c));
+  if (warp == 0 && col_ok) vs[lane] = conv(2 * kd + j * dv + cb + lane);
+  // This position's inputs go to slot `cur`, which no block reads this step. q/k channels are
+  // shared by the value heads of a key head: its first one writes them.
+  if (j % ratio == 0 && blockIdx.y == 0)
+    for (int c = tid; c < 2 * dk; c += blockDim.x) a.conv_ring[int64_t(cur) * ch + qk_chan(c)] = a.mixed[qk_chan(c)];
+  if (warp == 0 && col_ok) {
+    const int chan = 2 * kd + j * dv + cb + lane;
+    a.conv_ring[int64_t(cur) * ch + chan] = a.mixed[chan];
+  }
+  __syncthreads();
+
+  float sq = 0.0f, sk = 0.0f;
+  for (int c = tid; c < dk; c += blockDim.x) sq += qk[c] * qk[c], sk += qk[dk + c] * qk[dk + c];
+  sq = block_sum(sq, red);
+  sk = block_sum(sk, red);
+  const float iq = 1.0f / sqrtf(sq + 1e-6f) / sqrtf(float(dk));
+  const float ik = 1.0f / sqrtf(sk + 1e-6f);
+  for (int c = tid; c < dk; c += blockDim.x) qk[c] *= iq, qk[dk + c] *= ik;
+  const float beta = sigmoid(a.b[j]);
+  const float decay = expf(-expf(a.a_log[j]) * softplus(a.a[j] + a.dt_bias[j]));
+  __syncthreads();
+
+  float part = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    const int r = warp + 8 * i;
+    if (r < dk && col_ok) {
+      s[i] *= decay;
+      part += s[i] * qk[dk + r];
+    }
+  }
+  red[warp * 32 + lane] = part;
+  __syncthreads();
+  float ks = 0.0f;
+  for (int w = 0; w < 8; ++w) ks += red[w * 32 + lane];
+  const float delta = col_ok ? beta * (vs[lane] - ks) : 0.0f;
+  __syncthreads();
+  float po = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    const int r = warp + 8 * i;
+    if (r < dk && col_ok) {
+      const float v = fmaf(qk[dk + r], delta, s[i]);
+      S[int64_t(r) * dv + b] = v;
+      po += v * qk[r];
+    }
+  }
+  red[warp * 32 + lane] = po;
+  __syncthreads();
+  if (warp == 0 && col_ok) {
+    float o = 0.0f;
+    for (int w = 0; w < 8; ++w) o += red[w * 32 + lane];
+    a.o[int64_t(j) * dv + b] = o;
+  }
+}
+
+struct ExpertParams {
+  ExpertArgs a;
+  ExpertBatch b;
+  int first_block[kMaxExperts + 1] = {};
+  Tiling tiles[kMaxExperts];
+};
+
+__device__ DevMat part_at(const uint8_t* base, const PartDesc& d) {
+  DevMat m;
+  m.data = base + d.data_off;
+  if (d.bits != 16) {
+    m.scales = reinterpret_cast<const uint16_t*>(base + d.scales_off);
+    m.biases = reinterpret_cast<const uint16_t*>(base + d.biases_off);
+  }
+  m.rows = d.rows;
+  m.cols = d.cols;
+  m.bits = d.bits;
+  return m;
+}
+
+__device__ const uint8_t* expert_block(const ExpertArgs& a, int k, int slot) {
+  const int s = slot >= 0 ? slot : a.layer * a.num_experts + a.ids[k];
+  return a.cache + uint64_t(s) * a.stride;
+}
+
+__device__ int entry_of_block(const ExpertParams& p) {
+  int j = 0;
+  while (j + 1 < p.b.n && int(blockIdx.x) >= p.first_block[j + 1]) ++j;
+  return j;
+}
+
+// act[1 + k] = silu(gate h) * (up h) for the block's entry and rows.
+__global__ void __launch_bounds__(kThreads) expert_gate_up_kernel(const __grid_constant__ ExpertParams p) {
+  extern __shared__ float4 smem4[];
+  const ExpertArgs& a = p.a;
+  const int j = entry_of_block(p), k = p.b.k[j];
+  DevMat m[2];
+  if (k < 0) {
+    m[0] = a.shared_gate;
+    m[1] = a.shared_up;
+  } else {
+    const uint8_t* base = expert_block(a, k, p.b.slot[j]);
+    m[0] = part_at(base, a.gate);
+    m[1] = part_at(base, a.up);
+  }
+  const Tiling t = p.tiles[j];
+  const int r0 = (int(blockIdx.x) - p.first_block[j]) * t.rows_per_block;
+  const int r1 = min(m[0].rows, r0 + t.rows_per_block);
+  prefetch_rows(m[0], r0, r1);
+  prefetch_rows(m[1], r0, r1);
+  float* xs = reinterpret_cast<float*>(smem4);
+  float* gsum = xs + padded_cols(a.hidden);
+  float* red = gsum + a.hidden / 64 + 4;
+  PrologueArgs copy;
+  copy.src = a.h;
+  load_x(copy, a.hidden, xs, gsum, red);
+  float* act = a.act + int64_t(k + 1) * a.act_stride;
+  rows_dot<2>(m, t.rt, r0, r1, threadIdx.x >> 5, kWarps, xs, gsum,
+              [&](int r, float g, float u) { act[r] = silu(g) * u; });
+}
+
+// y[1 + k] = down act[1 + k] for the block's entry and rows.
+__global__ void __launch_bounds__(kThreads) expert_down_kernel(const __grid_constant__ ExpertParams p) {
+  extern __shared__ float4 smem4[];
+  const ExpertArgs& a = p.a;
+  const int j = entry_of_block(p), k = p.b.k[j];
+  const DevMat m = k < 0 ? a.shared_down : part_at(expert_block(a, k, p.b.slot[j]), a.down);
+  const Tiling t = p.tiles[j];
+  const int r0 = (int(blockIdx.x) - p.first_block[j]) * t.rows_per_block;
+  const int r1 = min(m.rows, r0 + t.rows_per_block);
+  prefetch_rows(m, r0, r1);
+  float* xs = reinterpret_cast<float*>(smem4);
+  float* gsum = xs + padded_cols(m.cols);
+  float* red = gsum + m.cols / 64 + 4;
+  PrologueArgs copy;
+  copy.src = a.act + int64_t(k + 1) * a.act_stride;
+  load_x(copy, m.cols, xs, gsum, red);
+  float* y = a.y + int64_t(k + 1) * a.hidden;
+  rows_dot<1>(&m, t.rt, r0, r1, threadIdx.x >> 5, kWarps, xs, gsum, [&](int r, float v) { y[r] = v; });
+}
+
+__global__ void expert_combine_kernel(ExpertArgs a, int K) {
+  const int r = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r >= a.hidden) return;
+  float out = sigmoid(a.shared_logit[0]) * a.y[r];
+  for (int k = 0; k < K; ++k) out += a.weights[k] * a.y[int64_t(k + 1) * a.hidden + r];
+  a.x[r] += out;
+}
+
+DevMat part_shape(const PartDesc& d) {
+  DevMat m;
+  m.rows = d.rows;
+  m.cols = d.cols;
+  m.bits = d.bits;
+  return m;
+}
+
+}  // namespace
+
+size_t matvec_smem_bytes(int cols) { return (vector_floats(cols) + kWarps + kMaxHeads) * sizeof(float); }
+
+void set_smem_limits(size_t bytes) {
+  const int b = int(bytes);
+  FM_CUDA(cudaFuncSetAttribute(matvec_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, b));
+  FM_CUDA(cudaFuncSetAttribute(expert_gate_up_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, b));
+  FM_CUDA(cudaFuncSetAttribute(expert_down_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, b));
+}
+
+void matvec(cudaStream_t s, const PrologueArgs& pro, int cols, const MatvecJob* jobs, int njobs, int sms,
+            const TopkTail* tail) {
+  if (njobs < 1 || njobs > kMaxJobs) throw std::logic_error("matvec: 1..kMaxJobs jobs per launch");
+  if (pro.kind == Prologue::GatedNorm && (pro.head_dim <= 0 || cols % pro.head_dim || cols / pro.head_dim > kMaxHeads))
+    throw std::invalid_argument("gated norm: cols must be a multiple of head_dim with at most 128 heads");
+  MatvecParams p;
+  p.pro = pro;
+  p.cols = cols;
+  p.njobs = njobs;
+  int64_t rows = 0;
+  for (int j = 0; j < njobs; ++j) rows += jobs[j].m.rows;
+  int blocks = 0;
+  for (int j = 0; j < njobs; ++j) {
+    check_matrix(jobs[j].m, cols);
+    p.jobs[j] = jobs[j];
+    DevMat shape = jobs[j].m;
+    shape.rows = int(rows);  // tiled for all the launch's rows together
+    p.tiles[j] = tiling(shape, sms);
+    p.first_block[j] = blocks;
+    blocks += (jobs[j].m.rows + p.tiles[j].rows_per_block - 1) / p.tiles[j].rows_per_block;
+  }
+  p.first_block[njobs] = blocks;
+  if (tail) {
+    if (tail->k < 1 || tail->k >= kMaxExperts || tail->num_experts > 32 * kTopkPerLane || tail->k > tail->num_experts)
+      throw std::invalid_argument("CUDA router: 1..32 experts per token out of at most 1024");
+    p.tail = *tail;
+  }
+  matvec_kernel<<<blocks, kThreads, matvec_smem_bytes(cols), s>>>(p);
+  FM_CUDA_LAUNCHED();
+}
+
+void embed(cudaStream_t s, const DevMat& table, const StepParams* step, float* x) {
+  embed_kernel<<<(table.cols + 255) / 256, 256, 0, s>>>(table, step, x);
+  FM_CUDA_LAUNCHED();
+}
+
+void attention(cudaStream_t s, const AttnArgs& a) {
+  if (a.hd % 32 || a.hd > kMaxHeadDim || a.rotary_dim > a.hd || a.rotary_dim % 2)
+    throw std::invalid_argument("CUDA attention needs head_dim a multiple of 32, at most 512");
+  qk_prep_kernel<<<a.nh + a.nkv, a.hd, 0, s>>>(a);
+  FM_CUDA_LAUNCHED();
+  attn_partial_kernel<<<dim3(a.nh, kAttnSplits), kAttnWarps * 32, 0, s>>>(a);
+  FM_CUDA_LAUNCHED();
+  attn_combine_kernel<<<a.nh, 128, 0, s>>>(a);
+  FM_CUDA_LAUNCHED();
+}
+
+void deltanet(cudaStream_t s, const DeltaArgs& a) {
+  if (a.dk > kMaxDeltaKeyDim) throw std::invalid_argument("CUDA DeltaNet supports key head dims up to 128");
+  const size_t smem = (2 * size_t(a.dk) + 32 + 8 * 32) * sizeof(float);
+  deltanet_kernel<<<dim3(a.nv, (a.dv + 31) / 32), 256, smem, s>>>(a);
+  FM_CUDA_LAUNCHED();
+}
+
+void experts(cudaStream_t s, const ExpertArgs& a, const ExpertBatch& batch, int sms) {
+  if (batch.n < 1 || batch.n > kMaxExperts) throw std::logic_error("experts: 1..kMaxExperts entries");
+  ExpertParams p;
+  p.a = a;
+  p.b = batch;
+  const DevMat routed_up = part_shape(a.up), routed_down = part_shape(a.down);
+  // each kernel is tiled for all its entries' rows together
+  auto plan = [&](const DevMat& shared, const DevMat& routed) {
+    int64_t rows = 0;
+    for (int j = 0; j < batch.n; ++j) rows += batch.k[j] < 0 ? shared.rows : routed.rows;
+    int blocks = 0;
+    for (int j = 0; j < batch.n; ++j) {
+      DevMat m = batch.k[j] < 0 ? shared : routed;
+      const int own_rows = m.rows;
+      m.rows = int(rows);
+      p.tiles[j] = tiling(m, sms);
+      p.first_block[j] = blocks;
+      blocks += (own_rows + p.tiles[j].rows_per_block - 1) / p.tiles[j].rows_per_block;
+    }
+    p.first_block[batch.n] = blocks;
+    return blocks;
+  };
+  // gate/up: rows of the intermediate size; input h
+  int blocks = plan(a.shared_up, routed_up);
+  expert_gate_up_kernel<<<blocks, kThreads, matvec_smem_bytes(a.hidden), s>>>(p);
+  FM_CUDA_LAUNCHED();
+  // down: rows of hidden; input act
+  blocks = plan(a.shared_down, routed_down);
+  const int widest = std::max(a.shared_down.cols, routed_down.cols);
+  expert_down_kernel<<<blocks, kThreads, matvec_smem_bytes(widest), s>>>(p);
+  FM_CUDA_LAUNCHED();
+}
+
+void expert_combine(cudaStream_t s, const ExpertArgs& a, int k) {
+  expert_combine_kernel<<<(a.hidden + 255) / 256, 256, 0, s>>>(a, k);
+  FM_CUDA_LAUNCHED();
+}
+
+}  // namespace fm::cuda
