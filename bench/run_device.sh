@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One device call: build the package with the CUDA backend, run the CUDA tests (and the parity
+# suite on device="cuda"), then the benchmarks. Everything lands in $OUT; the table prints last.
+#   bash bench/run_device.sh [tests|probe|bench|all]
+set -uo pipefail
+OUT=${OUT:-/tmp/flashmoe-device-out}
+WHAT=${1:-all}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
+cat "$OUT/gpu.txt"
+t0=$(date +%s)
+# sm_90 only: the H200 is the one GPU here, and it keeps the build short
+CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90" python3 -m pip install --no-build-isolation --no-deps -q . \
+  > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - t0 )) s"
+python3 -c "import flashmoe_native._core as c; r = c.cuda_unavailable_reason(); print('cuda:', r or 'available')"
+
+status=0
+if [[ $WHAT == all || $WHAT == tests ]]; then
+  t0=$(date +%s)
+  # test_parity's first-token read count is the CPU's (the CUDA resident cache reads nothing per
+  # token); test_cuda checks the CUDA accounting instead
+  FLASHMOE_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+    tests/test_parity.py -k "not first_token_reads" -rs 2>&1 | tee "$OUT/tests.log" | tail -40
+  status=${PIPESTATUS[0]}
+  echo "tests: exit $status, $(( $(date +%s) - t0 )) s"
+fi
+if [[ $WHAT == all || $WHAT == probe ]]; then
+  # one decode step's kernels under Nsight Compute (skipping the first token's 32 launches)
+  t0=$(date +%s)
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  timeout 240 "$NCU" --clock-control none --launch-skip 32 --launch-count 32 \
+    --metrics "$(python3 bench/kernel_probe.py --metrics)" -f -o "$OUT/probe" \
+    python3 bench/kernel_probe.py --work /tmp/fmprobe > "$OUT/ncu.log" 2>&1
+  "$NCU" --import "$OUT/probe.ncu-rep" --csv --page raw > "$OUT/ncu.csv" 2>> "$OUT/ncu.log"
+  python3 bench/kernel_probe.py --summarize "$OUT/ncu.csv" 2>&1 | tee "$OUT/probe.txt" || tail -20 "$OUT/ncu.log"
+  echo "probe: $(( $(date +%s) - t0 )) s"
+fi
+if [[ $WHAT == all || $WHAT == bench ]]; then
+  t0=$(date +%s)
+  timeout 360 python3 bench/cuda_bench.py --work /tmp/fmbench --out "$OUT" 2>&1 | tee "$OUT/bench.log" \
+    | grep -v "^synthetic" | tail -80
+  echo "bench: exit ${PIPESTATUS[0]}, $(( $(date +%s) - t0 )) s"
+fi
+exit $status
