@@ -6,20 +6,16 @@ import io
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from test_tool_constraint import TOOLS, check_arguments
-from tiny_models import perturb, save_checkpoint, text_config
-from tiny_tokenizer import build_tiny_tokenizer
-from transformers import Qwen3_5MoeForCausalLM
 
 from flashmoe_native import Engine
 from flashmoe_native.chat import SHELL_TOOL, ChatSession
-from flashmoe_native.convert import convert
 from flashmoe_native.generate import (
     ContentDelta,
     Finished,
@@ -29,29 +25,14 @@ from flashmoe_native.generate import (
     ToolCallDelta,
 )
 from flashmoe_native.sampling import SamplingParams
-from flashmoe_native.tokenizer import Tokenizer
 from flashmoe_native.tool_calls import ToolCall
 
 GREEDY = SamplingParams(temperature=0.0)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Shape A with the tiny Qwen tokenizer and room for the tool prompt (4096 positions)."""
-    root = tmp_path_factory.mktemp("chat_model")
-    tokenizer_dir = build_tiny_tokenizer(root / "tokenizer")
-    tok = Tokenizer.from_dir(tokenizer_dir)
-    ends = [tok.token_id("<|im_end|>"), tok.token_id("<|endoftext|>")]
-    # a padded vocabulary, like Qwen's: ids past the tokenizer's exist only in the model
-    vocab = tok.vocab_size + 64
-    config = text_config("A", vocab, max_position_embeddings=4096, eos_token_id=ends[0])
-    torch.manual_seed(7)
-    model = Qwen3_5MoeForCausalLM(config).eval()
-    perturb(model, seed=8)
-    checkpoint = save_checkpoint(
-        model, root / "checkpoint", layout="fused", eos_token_ids=ends, tokenizer_dir=tokenizer_dir
-    )
-    return convert(checkpoint, root / "model", 4, progress=False)
+def model_dir(chat_model: Callable[[int, int], Path]) -> Path:
+    return chat_model(7, 8)
 
 
 @pytest.fixture(scope="module")

@@ -21,20 +21,14 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import torch
 import uvicorn
 from test_tool_constraint import TOOLS, check_arguments
-from tiny_models import perturb, save_checkpoint, text_config
-from tiny_tokenizer import build_tiny_tokenizer
-from transformers import Qwen3_5MoeForCausalLM
 
 from flashmoe_native import Engine
-from flashmoe_native.convert import convert
 from flashmoe_native.engine_worker import EngineWorker, Served
 from flashmoe_native.generate import Finished, Generator
 from flashmoe_native.openai_app import create_app
 from flashmoe_native.prompt_cache import PromptCache
-from flashmoe_native.tokenizer import Tokenizer
 
 MODEL = "tiny-qwen"
 MAX_REQUEST_BYTES = 4 << 20
@@ -42,22 +36,8 @@ NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Shape A with the tiny Qwen tokenizer and room for the tool prompt (4096 positions)."""
-    root = tmp_path_factory.mktemp("server_model")
-    tokenizer_dir = build_tiny_tokenizer(root / "tokenizer")
-    tok = Tokenizer.from_dir(tokenizer_dir)
-    ends = [tok.token_id("<|im_end|>"), tok.token_id("<|endoftext|>")]
-    config = text_config(
-        "A", tok.vocab_size + 64, max_position_embeddings=4096, eos_token_id=ends[0]
-    )
-    torch.manual_seed(3)  # the long-reply tests rely on this model's greedy text not ending
-    model = Qwen3_5MoeForCausalLM(config).eval()
-    perturb(model, seed=3)
-    checkpoint = save_checkpoint(
-        model, root / "checkpoint", layout="fused", eos_token_ids=ends, tokenizer_dir=tokenizer_dir
-    )
-    return convert(checkpoint, root / "model", 4, progress=False)
+def model_dir(chat_model: Callable[[int, int], Path]) -> Path:
+    return chat_model(3, 3)  # the long-reply tests rely on this model's greedy text not ending
 
 
 class Server:
