@@ -241,13 +241,23 @@ NB_MODULE(_core, m) {
              std::lock_guard<std::mutex> lock(e.mutex);
              e.engine->reset();
            })
-      .def_prop_ro("position", [](PyEngine& e) { return e.engine->position(); })
+      .def_prop_ro("position",
+                   [](PyEngine& e) {
+                     nb::gil_scoped_release release;
+                     std::lock_guard<std::mutex> lock(e.mutex);
+                     return e.engine->position();
+                   })
       .def_prop_ro("max_context", [](PyEngine& e) { return e.engine->max_context(); })
       .def_prop_ro("experts_per_token", [](PyEngine& e) { return e.engine->experts_per_token(); })
       .def("describe", [](PyEngine& e) { return e.engine->describe(); })
       .def("stats",
            [](PyEngine& e) {
-             fm::EngineStats s = e.engine->stats();
+             fm::EngineStats s;
+             {
+               nb::gil_scoped_release release;
+               std::lock_guard<std::mutex> lock(e.mutex);
+               s = e.engine->stats();
+             }
              nb::dict ms;
              ms["mixer"] = s.mixer_ms;
              ms["router"] = s.router_ms;

@@ -92,3 +92,19 @@ def test_each_expert_is_read_once_per_chunk(tiny_models: TinyModels, chunk: int)
 def test_prefill_chunk_is_validated(tiny_models: TinyModels) -> None:
     with pytest.raises(ValueError, match="prefill_chunk"):
         fm.Engine(tiny_models.converted(4, "A"), device=DEVICE, prefill_chunk=0)
+
+
+def test_snapshot_restores_the_sequence_and_refuses_foreign_states(tiny_models: TinyModels) -> None:
+    model_dir = tiny_models.converted(8, "A")
+    engine = fm.Engine(model_dir, device=DEVICE)
+    engine.prefill(prompt(20))
+    state = engine.snapshot()
+    assert state.position == 20 and state.nbytes > 0
+    want = engine.step(7)
+    engine.reset()
+    engine.restore(state)
+    assert engine.position == 20
+    np.testing.assert_array_equal(engine.step(7), want)
+    other = fm.Engine(tiny_models.converted(8, "B"), device=DEVICE)
+    with pytest.raises(ValueError, match="another model"):
+        other.restore(state)

@@ -487,10 +487,15 @@ EngineState CpuEngine::snapshot() const {
 void CpuEngine::restore(const EngineState& s) {
   const size_t n = size_t(c_.num_layers);
   if (s.buffers.size() != 3 * n) throw std::invalid_argument("state snapshot is from another model");
-  for (size_t l = 0; l < n; ++l)
-    if (s.buffers[n + l].size() != conv_[l].size() || s.buffers[2 * n + l].size() != ssm_[l].size())
+  const size_t kv_row = size_t(2 * c_.num_kv_heads * c_.head_dim);
+  for (size_t l = 0; l < n; ++l) {
+    const bool full = layers_[l].type == LayerType::FullAttention;
+    if (s.buffers[n + l].size() != conv_[l].size() || s.buffers[2 * n + l].size() != ssm_[l].size() ||
+        s.buffers[l].size() != (full ? size_t(s.position) * kv_row : 0))
       throw std::invalid_argument("state snapshot is from another model");
-  if (s.position > max_context_) throw std::invalid_argument("state snapshot is longer than max_context");
+  }
+  if (s.position < 0 || s.position > max_context_)
+    throw std::invalid_argument("state snapshot is longer than max_context");
   pos_ = s.position;
   for (size_t l = 0; l < n; ++l) {
     kv_[l] = s.buffers[l];
