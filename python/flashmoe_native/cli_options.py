@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+from .bundled import default_model_path
 from .engine import Engine
 from .sampling import SamplingParams
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", required=True, help="model directory written by flashmoe convert"
+        "--model",
+        default=str(default_model_path()),
+        help="model directory written by flashmoe convert (default: the bundled tiny model)",
     )
     parser.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if usable"
