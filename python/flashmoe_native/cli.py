@@ -14,6 +14,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "infer": ("flashmoe_native.infer", "generate from one prompt, then report speed"),
     "chat": ("flashmoe_native.chat", "talk with a model in the terminal"),
     "serve": ("flashmoe_native.server", "serve a model over an OpenAI-compatible HTTP API"),
+    "perplexity": (
+        "flashmoe_native.perplexity",
+        "perplexity of a text, and KL divergence against a reference model",
+    ),
 }
 
 
