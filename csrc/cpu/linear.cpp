@@ -157,15 +157,27 @@ FM_AVX512 inline __m512i widen32(const uint8_t* p) {
   return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
+// Per-token scale of each group of a block of 16: scale_g * xs_tg, computed 16 at a time.
 template <int NT>
-FM_AVX512 __attribute__((always_inline)) inline void q4_group_avx512(const uint8_t* q, float s, const int16_t* x, const float* xs,
-                                      int64_t x_stride, int64_t groups, int64_t g, __m512* acc) {
+FM_AVX512 __attribute__((always_inline)) inline void group_scales_avx512(const uint16_t* scales, const float* xs,
+                                                                          int64_t groups, int64_t g0, int n,
+                                                                          float (*sx)[16]) {
+  const __mmask16 m = __mmask16((1u << n) - 1);
+  const __m512i bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, scales + g0));
+  const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+  for (int t = 0; t < NT; ++t) _mm512_store_ps(sx[t], _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, xs + t * groups + g0)));
+}
+
+template <int NT>
+FM_AVX512 __attribute__((always_inline)) inline void q4_group_avx512(const uint8_t* q, const int16_t* x,
+                                                                      int64_t x_stride, int64_t g, float (*sx)[16],
+                                                                      int gi, __m512* acc) {
   const __m512i w = widen32(q);
   const __m512i lo = _mm512_and_si512(w, _mm512_set1_epi16(15)), hi = _mm512_srli_epi16(w, 4);
   for (int t = 0; t < NT; ++t) {
     const int16_t* xt = x + t * x_stride + g * 64;
     const __m512i d = _mm512_add_epi32(_mm512_madd_epi16(lo, load512(xt)), _mm512_madd_epi16(hi, load512(xt + 32)));
-    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(s * xs[t * groups + g]), acc[t]);
+    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(sx[t][gi]), acc[t]);
   }
 }
 
@@ -176,12 +188,17 @@ FM_AVX512 void tile_q4_avx512(const uint8_t* q, const uint16_t* scales, const vo
   // two accumulators per token so consecutive groups do not wait on one FMA chain
   __m512 acc0[NT], acc1[NT];
   for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = _mm512_setzero_ps();
-  int64_t g = 0;
-  for (; g + 2 <= groups; g += 2) {
-    q4_group_avx512<NT>(q + g * 32, bf16_to_f32(scales[g]), x, xs, x_stride, groups, g, acc0);
-    q4_group_avx512<NT>(q + g * 32 + 32, bf16_to_f32(scales[g + 1]), x, xs, x_stride, groups, g + 1, acc1);
+  alignas(64) float sx[NT][16];
+  for (int64_t g0 = 0; g0 < groups; g0 += 16) {
+    const int n = int(std::min<int64_t>(16, groups - g0));
+    group_scales_avx512<NT>(scales, xs, groups, g0, n, sx);
+    int gi = 0;
+    for (; gi + 2 <= n; gi += 2) {
+      q4_group_avx512<NT>(q + (g0 + gi) * 32, x, x_stride, g0 + gi, sx, gi, acc0);
+      q4_group_avx512<NT>(q + (g0 + gi + 1) * 32, x, x_stride, g0 + gi + 1, sx, gi + 1, acc1);
+    }
+    if (gi < n) q4_group_avx512<NT>(q + (g0 + gi) * 32, x, x_stride, g0 + gi, sx, gi, acc0);
   }
-  if (g < groups) q4_group_avx512<NT>(q + g * 32, bf16_to_f32(scales[g]), x, xs, x_stride, groups, g, acc0);
   for (int t = 0; t < NT; ++t) out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[t], acc1[t]));
 }
 
