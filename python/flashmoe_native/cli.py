@@ -8,7 +8,10 @@ import sys
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "convert": ("flashmoe_native.convert", "convert a Hugging Face checkpoint to a model directory"),
+    "convert": (
+        "flashmoe_native.convert",
+        "convert a Hugging Face checkpoint to a model directory",
+    ),
     "verify": ("flashmoe_native.verify", "check every file and expert block of a model directory"),
     "bench": ("flashmoe_native.bench", "measure decode tok/s and where the time goes"),
     "infer": ("flashmoe_native.infer", "generate from one prompt, then report speed"),
