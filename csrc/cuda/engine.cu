@@ -239,6 +239,7 @@ CudaEngine::CudaEngine(ModelSpec spec, const EngineOptions& o)
   if (k_ >= cuda::kMaxExperts) throw std::invalid_argument("the CUDA backend runs at most 32 experts per token");
   FM_CUDA(cudaGetDeviceProperties(&props_, device_));
   sms_ = props_.multiProcessorCount;
+  cuda::set_programmatic_launch(props_.major >= 9);
   for (int s = 0; s < store_.slots(); ++s) pinned_.add(store_.buffer(s), model_.experts().block_stride);
   upload_weights();
   allocate_state();

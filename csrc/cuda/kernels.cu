@@ -48,6 +48,25 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
   return v;
 }
 
+// Programmatic dependent launch (sm_90): a kernel may start while its predecessor runs. Before
+// pdl_wait() it touches only what no kernel of this token writes (weights, L2 prefetches) or
+// what the kernel two launches back wrote; it calls pdl_trigger() only after its own wait, so
+// the next kernel starts no earlier than this one's predecessor has finished.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_sync() {
+  pdl_wait();
+  pdl_trigger();
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
   return v;
@@ -395,6 +414,7 @@ __global__ void __launch_bounds__(kThreads) matvec_kernel(const __grid_constant_
   const int r0 = (int(blockIdx.x) - p.first_block[j]) * p.tiles[j].rows_per_block;
   const int r1 = min(job.m.rows, r0 + p.tiles[j].rows_per_block);
   prefetch_rows(job.m, r0, r1);
+  pdl_sync();
   float* xs = reinterpret_cast<float*>(smem4);
   float* gsum = xs + padded_cols(p.cols);
   float* red = gsum + p.cols / 64 + 4;
@@ -433,6 +453,7 @@ void check_matrix(const DevMat& m, int cols) {
 }
 
 __global__ void embed_kernel(DevMat t, const StepParams* step, float* x) {
+  pdl_sync();
   const int64_t row = step->token;
   const int cols = t.cols;
   for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
@@ -454,6 +475,7 @@ __global__ void embed_kernel(DevMat t, const StepParams* step, float* x) {
 
 // One block per head: blocks [0, nh) the queries, [nh, nh+nkv) the keys (and their values).
 __global__ void qk_prep_kernel(AttnArgs a) {
+  pdl_sync();
   __shared__ float buf[kMaxHeadDim];
   __shared__ float red[32];
   const int hd = a.hd, t = threadIdx.x, head = blockIdx.x;
@@ -487,6 +509,7 @@ __global__ void qk_prep_kernel(AttnArgs a) {
 // Block (head, split): online softmax over the split's positions, one warp per position at a
 // time; writes (max, sum, unnormalised output) for the combine.
 __global__ void __launch_bounds__(kAttnWarps * 32) attn_partial_kernel(AttnArgs a) {
+  pdl_sync();
   constexpr int kE = kMaxHeadDim / 32;
   __shared__ float sm[kAttnWarps], sl[kAttnWarps];
   __shared__ float sacc[kAttnWarps][kMaxHeadDim];
@@ -546,6 +569,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_partial_kernel(AttnArgs 
 
 // Block per head: merges the splits, divides by the softmax sum, applies the output gate.
 __global__ void attn_combine_kernel(AttnArgs a) {
+  pdl_sync();
   const int h = blockIdx.x, hd = a.hd;
   const float* part = a.partial + int64_t(h) * kAttnSplits * (hd + 2);
   float M = -INFINITY;
@@ -570,6 +594,7 @@ __global__ void attn_combine_kernel(AttnArgs a) {
 // o = S^T q. Warp w holds state rows w, w+8, ... in registers between the two passes.
 __global__ void __launch_bounds__(256) deltanet_kernel(DeltaArgs a) {
   extern __shared__ float sh[];
+  pdl_sync();
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int j = blockIdx.x, cb = blockIdx.y * 32;
   const int dk = a.dk, dv = a.dv, K = a.kernel;
@@ -678,7 +703,7 @@ __device__ DevMat part_at(const uint8_t* base, const PartDesc& d) {
 }
 
 __device__ const uint8_t* expert_block(const ExpertArgs& a, int k, int slot) {
-  const int s = slot >= 0 ? slot : a.layer * a.num_experts + a.ids[k];
+  const int s = slot >= 0 ? slot : a.layer * a.num_experts + __ldcg(a.ids + k);
   return a.cache + uint64_t(s) * a.stride;
 }
 
@@ -693,6 +718,13 @@ __global__ void __launch_bounds__(kThreads) expert_gate_up_kernel(const __grid_c
   extern __shared__ float4 smem4[];
   const ExpertArgs& a = p.a;
   const int j = entry_of_block(p), k = p.b.k[j];
+  if (k < 0) {  // static weights: start fetching them while the router finishes
+    const int r0 = (int(blockIdx.x) - p.first_block[j]) * p.tiles[j].rows_per_block;
+    const int r1 = min(a.shared_gate.rows, r0 + p.tiles[j].rows_per_block);
+    prefetch_rows(a.shared_gate, r0, r1);
+    prefetch_rows(a.shared_up, r0, r1);
+  }
+  pdl_sync();  // the routed experts' ids are the router's output
   DevMat m[2];
   if (k < 0) {
     m[0] = a.shared_gate;
@@ -705,8 +737,10 @@ __global__ void __launch_bounds__(kThreads) expert_gate_up_kernel(const __grid_c
   const Tiling t = p.tiles[j];
   const int r0 = (int(blockIdx.x) - p.first_block[j]) * t.rows_per_block;
   const int r1 = min(m[0].rows, r0 + t.rows_per_block);
-  prefetch_rows(m[0], r0, r1);
-  prefetch_rows(m[1], r0, r1);
+  if (k >= 0) {
+    prefetch_rows(m[0], r0, r1);
+    prefetch_rows(m[1], r0, r1);
+  }
   float* xs = reinterpret_cast<float*>(smem4);
   float* gsum = xs + padded_cols(a.hidden);
   float* red = gsum + a.hidden / 64 + 4;
@@ -728,6 +762,7 @@ __global__ void __launch_bounds__(kThreads) expert_down_kernel(const __grid_cons
   const int r0 = (int(blockIdx.x) - p.first_block[j]) * t.rows_per_block;
   const int r1 = min(m.rows, r0 + t.rows_per_block);
   prefetch_rows(m, r0, r1);
+  pdl_sync();  // act is gate/up's output
   float* xs = reinterpret_cast<float*>(smem4);
   float* gsum = xs + padded_cols(m.cols);
   float* red = gsum + m.cols / 64 + 4;
@@ -739,6 +774,7 @@ __global__ void __launch_bounds__(kThreads) expert_down_kernel(const __grid_cons
 }
 
 __global__ void expert_combine_kernel(ExpertArgs a, int K) {
+  pdl_sync();
   const int r = blockIdx.x * blockDim.x + threadIdx.x;
   if (r >= a.hidden) return;
   float out = sigmoid(a.shared_logit[0]) * a.y[r];
@@ -754,7 +790,26 @@ DevMat part_shape(const PartDesc& d) {
   return m;
 }
 
+bool g_programmatic = false;
+
+template <class... Params, class... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, const Args&... args) {
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cfg.attrs = &attr;
+  cfg.numAttrs = g_programmatic ? 1 : 0;
+  FM_CUDA(cudaLaunchKernelEx(&cfg, kernel, args...));
+}
+
 }  // namespace
+
+void set_programmatic_launch(bool on) { g_programmatic = on; }
 
 size_t matvec_smem_bytes(int cols) { return (vector_floats(cols) + kWarps + kMaxHeads) * sizeof(float); }
 
@@ -792,31 +847,25 @@ void matvec(cudaStream_t s, const PrologueArgs& pro, int cols, const MatvecJob* 
       throw std::invalid_argument("CUDA router: 1..32 experts per token out of at most 1024");
     p.tail = *tail;
   }
-  matvec_kernel<<<blocks, kThreads, matvec_smem_bytes(cols), s>>>(p);
-  FM_CUDA_LAUNCHED();
+  launch(matvec_kernel, blocks, kThreads, matvec_smem_bytes(cols), s, p);
 }
 
 void embed(cudaStream_t s, const DevMat& table, const StepParams* step, float* x) {
-  embed_kernel<<<(table.cols + 255) / 256, 256, 0, s>>>(table, step, x);
-  FM_CUDA_LAUNCHED();
+  launch(embed_kernel, (table.cols + 255) / 256, 256, 0, s, table, step, x);
 }
 
 void attention(cudaStream_t s, const AttnArgs& a) {
   if (a.hd % 32 || a.hd > kMaxHeadDim || a.rotary_dim > a.hd || a.rotary_dim % 2)
     throw std::invalid_argument("CUDA attention needs head_dim a multiple of 32, at most 512");
-  qk_prep_kernel<<<a.nh + a.nkv, a.hd, 0, s>>>(a);
-  FM_CUDA_LAUNCHED();
-  attn_partial_kernel<<<dim3(a.nh, kAttnSplits), kAttnWarps * 32, 0, s>>>(a);
-  FM_CUDA_LAUNCHED();
-  attn_combine_kernel<<<a.nh, 128, 0, s>>>(a);
-  FM_CUDA_LAUNCHED();
+  launch(qk_prep_kernel, a.nh + a.nkv, a.hd, 0, s, a);
+  launch(attn_partial_kernel, dim3(a.nh, kAttnSplits), kAttnWarps * 32, 0, s, a);
+  launch(attn_combine_kernel, a.nh, 128, 0, s, a);
 }
 
 void deltanet(cudaStream_t s, const DeltaArgs& a) {
   if (a.dk > kMaxDeltaKeyDim) throw std::invalid_argument("CUDA DeltaNet supports key head dims up to 128");
   const size_t smem = (2 * size_t(a.dk) + 32 + 8 * 32) * sizeof(float);
-  deltanet_kernel<<<dim3(a.nv, (a.dv + 31) / 32), 256, smem, s>>>(a);
-  FM_CUDA_LAUNCHED();
+  launch(deltanet_kernel, dim3(a.nv, (a.dv + 31) / 32), 256, smem, s, a);
 }
 
 void experts(cudaStream_t s, const ExpertArgs& a, const ExpertBatch& batch, int sms) {
@@ -843,18 +892,15 @@ void experts(cudaStream_t s, const ExpertArgs& a, const ExpertBatch& batch, int 
   };
   // gate/up: rows of the intermediate size; input h
   int blocks = plan(a.shared_up, routed_up);
-  expert_gate_up_kernel<<<blocks, kThreads, matvec_smem_bytes(a.hidden), s>>>(p);
-  FM_CUDA_LAUNCHED();
+  launch(expert_gate_up_kernel, blocks, kThreads, matvec_smem_bytes(a.hidden), s, p);
   // down: rows of hidden; input act
   blocks = plan(a.shared_down, routed_down);
   const int widest = std::max(a.shared_down.cols, routed_down.cols);
-  expert_down_kernel<<<blocks, kThreads, matvec_smem_bytes(widest), s>>>(p);
-  FM_CUDA_LAUNCHED();
+  launch(expert_down_kernel, blocks, kThreads, matvec_smem_bytes(widest), s, p);
 }
 
 void expert_combine(cudaStream_t s, const ExpertArgs& a, int k) {
-  expert_combine_kernel<<<(a.hidden + 255) / 256, 256, 0, s>>>(a, k);
-  FM_CUDA_LAUNCHED();
+  launch(expert_combine_kernel, (a.hidden + 255) / 256, 256, 0, s, a, k);
 }
 
 }  // namespace fm::cuda

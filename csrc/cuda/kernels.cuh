@@ -14,8 +14,6 @@ namespace fm::cuda {
 // Throws std::runtime_error naming the call site when a CUDA call fails.
 void check(cudaError_t err, const char* what, const char* file, int line);
 #define FM_CUDA(call) ::fm::cuda::check((call), #call, __FILE__, __LINE__)
-// After a kernel launch: launch-configuration errors surface here, execution errors at the next sync.
-#define FM_CUDA_LAUNCHED() ::fm::cuda::check(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)
 
 constexpr int kThreads = 256;      // threads of every matvec-style block
 constexpr int kRowTile = 4;        // rows a lane segment computes per x chunk it loads (x reuse)
@@ -80,6 +78,10 @@ struct TopkTail {
   int* ids = nullptr;
   float* weights = nullptr;
 };
+
+// Launch kernels with programmatic dependent launch (sm_90 and newer), so that each kernel's
+// launch and weight prefetch overlap its predecessor. The engine turns it on per device.
+void set_programmatic_launch(bool on);
 
 // out_j = W_j x for up to kMaxJobs matrices of `cols` columns sharing the prologue's x.
 void matvec(cudaStream_t s, const PrologueArgs& pro, int cols, const MatvecJob* jobs, int njobs, int sms,
