@@ -41,7 +41,8 @@ if [[ $WHAT == all || $WHAT == probe ]]; then
 fi
 if [[ $WHAT == all || $WHAT == bench ]]; then
   t0=$(date +%s)
-  timeout 360 python3 bench/cuda_bench.py --work /tmp/fmbench --out "$OUT" 2>&1 | tee "$OUT/bench.log" \
+  # BENCH_ARGS=--resident-only skips the disk ceilings and the streaming regime
+  timeout 360 python3 bench/cuda_bench.py --work /tmp/fmbench --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" \
     | grep -v "^synthetic" | tail -80
   echo "bench: exit ${PIPESTATUS[0]}, $(( $(date +%s) - t0 )) s"
 fi
