@@ -422,9 +422,12 @@ void CpuEngine::moe(int layer, int64_t n) {
   }
   std::sort(order.begin(), order.end());
   stats_.router_ms += ms_since(t0);
+  // queueing the reads wakes the I/O threads, which can take the core for a while: I/O time
+  t0 = Clock::now();
   const int slots = store_.slots();
   const int64_t unique = int64_t(order.size());
   for (int64_t i = 0; i < std::min<int64_t>(unique, slots); ++i) store_.start(int(i), layer, order[size_t(i)]);
+  stats_.expert_io_wait_ms += ms_since(t0);
 
   // shared expert while the routed experts are read
   t0 = Clock::now();
