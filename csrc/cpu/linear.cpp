@@ -418,16 +418,19 @@ void linear(const Matrix& w, const float* x, int64_t n, float* y, LinearScratch&
   const int64_t groups = cols / kGroupSize;
   const bool q4 = w.dtype == DType::Q4;
   const QKernel& kern = q4 ? k.q4 : k.q8;
-  for (int64_t t = 0; t < n; ++t) {
-    const float* xt = x + t * cols;
-    float* sums = scratch.group_sums + t * groups;
-    for (int64_t g = 0; g < groups; ++g) {
-      float s = 0.0f;
-      for (int i = 0; i < kGroupSize; ++i) s += xt[g * kGroupSize + i];
-      sums[g] = s;
+  // per token: group sums and the kernel's layout of x (split across the pool for a batch)
+  pool.parallel_for(n, std::max<int64_t>(1, 4096 / cols), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* xt = x + t * cols;
+      float* sums = scratch.group_sums + t * groups;
+      for (int64_t g = 0; g < groups; ++g) {
+        float s = 0.0f;
+        for (int i = 0; i < kGroupSize; ++i) s += xt[g * kGroupSize + i];
+        sums[g] = s;
+      }
+      prepare_x(kern.layout, xt, groups, scratch.x_prep + t * cols, scratch.x_scale + t * groups);
     }
-    prepare_x(kern.layout, xt, groups, scratch.x_prep + t * cols, scratch.x_scale + t * groups);
-  }
+  });
   const int64_t row_stride = q4 ? cols / 2 : cols;
   // int16 layouts hold cols int16 per token in a cols-float slot: the stride in elements is the same
   const int64_t x_stride = (kern.layout == XLayout::I16 || kern.layout == XLayout::I16Nibble) ? 2 * cols : cols;
