@@ -27,16 +27,9 @@ from tokenizers import (
 )
 
 _REPO = Path(__file__).resolve().parents[1]
-# shared/ lies beside the repository in checkouts and CI; copies for other machines carry it inside
-QWEN_TEMPLATE = (
-    next(
-        path
-        for path in (_REPO.parent / "shared", _REPO / "shared")
-        if (path / "fixtures" / "qwen3_5_chat_template.jinja").exists()
-    )
-    / "fixtures"
-    / "qwen3_5_chat_template.jinja"
-)
+# the real Qwen3.5 chat template (shared/fixtures/qwen3_5_chat_template.jinja), as the bundled
+# model ships it: in the repository, so tests need nothing beside the checkout
+QWEN_TEMPLATE = _REPO / "models" / "tiny-stdlib-moe" / "chat_template.jinja"
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TAG_TOKENS = [
