@@ -16,7 +16,7 @@ from typing import Any
 
 from .generate import Finished, Usage
 from .sampling import SamplingParams
-from .tool_schema import JSON_TYPES
+from .tool_schema import JSON_TYPES, json_type
 
 
 class RequestError(Exception):
@@ -53,19 +53,11 @@ class RequestError(Exception):
 
 
 def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
+    """The JSON type of a request value, for error messages."""
+    try:
+        return json_type(value)
+    except TypeError:
+        return type(value).__name__
 
 
 def _wrong_type(param: str, expected: str, value: Any) -> RequestError:
