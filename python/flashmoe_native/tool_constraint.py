@@ -19,6 +19,7 @@ accepted wholesale from a precomputed mask, and masks are cached per automaton s
 
 from __future__ import annotations
 
+import abc
 import bisect
 import dataclasses
 import functools
@@ -106,14 +107,14 @@ ANY = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Frame:
+class Frame(abc.ABC):
     can_end = False
 
-    def feed(self, b: int) -> Stack | None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def feed(self, b: int) -> Stack | None: ...
 
-    def closing(self) -> bytes:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def closing(self) -> bytes: ...
 
     def plain(self) -> Plain | None:
         """The tokens accepted wholesale, or None when all must be checked byte by byte."""
