@@ -26,8 +26,11 @@ double ms_since(Clock::time_point t0) {
 // a 512-token prompt read 244 MB of experts per token in chunks of 64 and 35 MB in one chunk of
 // 512 (a chunk's 4096 routings touch every one of 256 experts); compute per token barely moves.
 constexpr int kDefaultPrefillChunk = 512;
-// Expert blocks in flight while a chunk's experts are read (decode needs only K).
-constexpr int kPrefillSlots = 32;
+// Expert blocks in flight while a chunk's experts are read (decode needs only K), and the I/O
+// threads reading them. Streaming a 35B-A3B-shaped model with O_DIRECT, 64 slots and 16 threads
+// cut prefill's expert I/O wait from 9.0 to 2.8 ms per token against 32 slots and 8 threads.
+constexpr int kPrefillSlots = 64;
+constexpr int kMinIoThreads = 16;
 
 struct LayerWeights {
   LayerType type;
@@ -143,7 +146,7 @@ CpuEngine::CpuEngine(ModelSpec spec, const EngineOptions& o)
       chunk_(resolve_chunk(o.prefill_chunk)),
       pool_(resolve_threads(o.threads)),
       store_(model_.experts_path(), model_.experts(), std::max(k_, std::min(c_.num_experts, kPrefillSlots)),
-             k_, o.direct_io),
+             std::max(k_, kMinIoThreads), o.direct_io),
       scratch_(chunk_, std::max<int64_t>({c_.hidden_size, int64_t(c_.num_heads) * c_.head_dim,
                                           int64_t(c_.lin_num_value_heads) * c_.lin_value_head_dim,
                                           c_.moe_intermediate, c_.shared_intermediate})) {
