@@ -61,6 +61,14 @@ const uint8_t* ExpertStore::wait(int slot) {
   return s.buffer;
 }
 
+void ExpertStore::drain() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  for (Slot& s : slots_) {
+    slot_done_.wait(lock, [&] { return s.state.load() != 1; });
+    s.state.store(0);
+  }
+}
+
 void ExpertStore::io_loop() {
   for (;;) {
     Job job;

@@ -31,6 +31,8 @@ class ExpertStore {
   void start(int slot, int layer, int expert);
   // Blocks until `slot` holds its block; throws std::runtime_error naming the file on a failed read.
   const uint8_t* wait(int slot);
+  // Waits out every queued read, failed or not, so all slots are idle (after an error).
+  void drain();
 
   uint64_t bytes_read() const { return bytes_read_.load(); }
   uint64_t blocks_read() const { return blocks_read_.load(); }

@@ -78,6 +78,9 @@ class CpuEngine final : public Engine {
   void check_tokens(const int32_t* tokens, int64_t n) const;
   // Runs n <= chunk_ tokens at positions pos_..pos_+n-1; logits of the last when not null.
   void forward(const int32_t* tokens, int64_t n, float* logits);
+  // forward(), but an error (a failed expert read) leaves the engine refusing tokens until
+  // reset() or restore(): the state was half updated.
+  void forward_or_break(const int32_t* tokens, int64_t n, float* logits);
   void full_attention(int layer, int64_t n);
   void linear_attention(int layer, int64_t n);
   void moe(int layer, int64_t n);
@@ -110,6 +113,7 @@ class CpuEngine final : public Engine {
 
   EngineStats stats_;
   uint64_t bytes_at_reset_ = 0, blocks_at_reset_ = 0;
+  std::string broken_;  // why the state is unusable; empty when it is sound
 };
 
 int resolve_threads(int threads) {
@@ -211,6 +215,7 @@ CpuEngine::CpuEngine(ModelSpec spec, const EngineOptions& o)
 
 void CpuEngine::reset() {
   pos_ = 0;
+  broken_.clear();
   const int kd = c_.lin_num_key_heads * c_.lin_key_head_dim;
   const int vd = c_.lin_num_value_heads * c_.lin_value_head_dim;
   for (int l = 0; l < c_.num_layers; ++l) {
@@ -223,6 +228,9 @@ void CpuEngine::reset() {
 }
 
 void CpuEngine::check_tokens(const int32_t* tokens, int64_t n) const {
+  if (!broken_.empty())
+    throw std::runtime_error("the engine's state is unusable after an earlier error (" + broken_ +
+                             "): reset() or restore() a snapshot first");
   for (int64_t i = 0; i < n; ++i)
     if (tokens[i] < 0 || tokens[i] >= c_.vocab_size)
       throw std::invalid_argument("token id " + std::to_string(tokens[i]) + " is outside the vocabulary (0.." +
@@ -235,7 +243,17 @@ void CpuEngine::check_tokens(const int32_t* tokens, int64_t n) const {
 
 void CpuEngine::step(int32_t token, float* logits) {
   check_tokens(&token, 1);
-  forward(&token, 1, logits);
+  forward_or_break(&token, 1, logits);
+}
+
+void CpuEngine::forward_or_break(const int32_t* tokens, int64_t n, float* logits) {
+  try {
+    forward(tokens, n, logits);
+  } catch (const std::exception& e) {
+    store_.drain();
+    broken_ = e.what();
+    throw;
+  }
 }
 
 void CpuEngine::prefill(const int32_t* tokens, int64_t n, float* logits) {
@@ -244,7 +262,7 @@ void CpuEngine::prefill(const int32_t* tokens, int64_t n, float* logits) {
   const uint64_t bytes0 = store_.bytes_read(), blocks0 = store_.blocks_read();
   for (int64_t i = 0; i < n; i += chunk_) {
     const int64_t m = std::min(chunk_, n - i);
-    forward(tokens + i, m, i + m == n ? logits : nullptr);
+    forward_or_break(tokens + i, m, i + m == n ? logits : nullptr);
     ++stats_.prefill_chunks;
   }
   stats_.prefill_tokens += uint64_t(n);
@@ -503,6 +521,7 @@ void CpuEngine::restore(const EngineState& s) {
   if (s.position < 0 || s.position > max_context_)
     throw std::invalid_argument("state snapshot is longer than max_context");
   pos_ = s.position;
+  broken_.clear();
   for (size_t l = 0; l < n; ++l) {
     kv_[l] = s.buffers[l];
     conv_[l] = s.buffers[n + l];
