@@ -2,7 +2,9 @@
 of greedy decoding, in two regimes.
 
   resident   expert blocks come from the OS page cache (the model fits in RAM)
-  streaming  every expert read goes to the disk (O_DIRECT): a model far larger than RAM
+  streaming  every expert read goes to the disk (O_DIRECT): a model far larger than RAM; decode
+             is also set against its I/O floor, expert bytes per token over the disk's parallel
+             O_DIRECT read bandwidth for expert blocks, measured in the same run
 
     python bench/prefill_vs_decode.py MODEL_DIR [--prompt 512] [--decode 8] [--json out.json]
 """
@@ -16,7 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import flashmoe_native as fm
+from flashmoe_native import format as fmt
 from flashmoe_native.bench import decode_benchmark
+
+sys.path.insert(0, str(Path(__file__).parent))
+from floors import disk_read_bandwidth  # noqa: E402
+
+IO_THREADS = 16  # as many as the CPU engine's I/O pool
 
 
 def measure(
@@ -47,6 +55,19 @@ def measure(
     }
 
 
+def add_io_floor(result: dict[str, Any], model: Path) -> None:
+    """Disk bandwidth for random expert blocks with O_DIRECT, and decode against that floor."""
+    experts = fmt.load_manifest(model, verify_weights=False)["experts"]
+    stride = experts["block_stride"]
+    gb_s = disk_read_bandwidth(
+        model / fmt.EXPERTS_FILE, stride, stride, 256, IO_THREADS, direct=True, sequential=False
+    )
+    floor_ms = result["decode_mb_per_token"] / 1e3 / gb_s * 1e3
+    result["disk_gb_s"] = gb_s
+    result["decode_io_floor_ms"] = floor_ms
+    result["decode_vs_io_floor"] = floor_ms / (1e3 / result["decode_tok_s"])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("model", type=Path)
@@ -59,6 +80,8 @@ def main() -> int:
     results = []
     for regime in a.regimes.split(","):
         r = measure(a.model, regime == "streaming", a.prompt, a.decode, a.chunk)
+        if regime == "streaming":
+            add_io_floor(r, a.model)
         results.append(r)
         print(
             f"{r['regime']:22s} {r['device']}, {r['layers']} layers: prefill {r['prompt_tokens']} "
@@ -67,6 +90,13 @@ def main() -> int:
             f"prefill/decode = {r['prefill_over_decode']:.1f}x",
             flush=True,
         )
+        if "disk_gb_s" in r:
+            print(
+                f"{'':22s} disk {r['disk_gb_s']:.2f} GB/s ({IO_THREADS} O_DIRECT readers): decode "
+                f"I/O floor {r['decode_io_floor_ms']:.0f} ms/token, decode at "
+                f"{100 * r['decode_vs_io_floor']:.0f}% of it",
+                flush=True,
+            )
     if a.json:
         a.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0
