@@ -269,6 +269,7 @@ NB_MODULE(_core, m) {
              d["tokens"] = s.tokens;
              d["expert_bytes_read"] = s.expert_bytes_read;
              d["experts_loaded"] = s.experts_loaded;
+             d["experts_cached"] = s.experts_cached;
              d["ms"] = ms;
              d["prefill_tokens"] = s.prefill_tokens;
              d["prefill_chunks"] = s.prefill_chunks;

@@ -25,6 +25,7 @@ struct EngineStats {
   uint64_t tokens = 0;
   uint64_t expert_bytes_read = 0;
   uint64_t experts_loaded = 0;
+  uint64_t experts_cached = 0;  // of experts_loaded: used in place from the page cache, no copy
   double mixer_ms = 0, router_ms = 0, expert_io_wait_ms = 0, expert_compute_ms = 0, lm_head_ms = 0;
   double total_ms = 0;
   // prefill only: chunks run, and the unique experts (summed over layers) and bytes they read

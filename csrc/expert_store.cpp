@@ -1,6 +1,8 @@
 #include "expert_store.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -19,6 +21,15 @@ ExpertStore::ExpertStore(std::string path, const ExpertLayout& layout, int slots
   if (fd_ < 0)
     throw std::runtime_error(path_ + ": cannot open" + (direct ? " with O_DIRECT" : "") + ": " +
                              std::strerror(errno));
+  struct stat st;
+  if (!direct && ::fstat(fd_, &st) == 0 && st.st_size > 0) {
+    void* m = ::mmap(nullptr, size_t(st.st_size), PROT_READ, MAP_SHARED, fd_, 0);
+    if (m != MAP_FAILED) {
+      map_ = static_cast<uint8_t*>(m);
+      map_size_ = size_t(st.st_size);
+      page_ = size_t(::sysconf(_SC_PAGESIZE));
+    }
+  }
   for (auto& s : slots_) {
     void* p = nullptr;
     if (posix_memalign(&p, 1 << 21, layout_.block_stride) != 0) throw std::bad_alloc();
@@ -35,6 +46,7 @@ ExpertStore::~ExpertStore() {
   job_ready_.notify_all();
   for (auto& t : threads_) t.join();
   for (auto& s : slots_) std::free(s.buffer);
+  if (map_) ::munmap(map_, map_size_);
   if (fd_ >= 0) ::close(fd_);
 }
 
@@ -67,6 +79,26 @@ void ExpertStore::drain() {
     slot_done_.wait(lock, [&] { return s.state.load() != 1; });
     s.state.store(0);
   }
+}
+
+const uint8_t* ExpertStore::if_cached(int layer, int expert) {
+  if (!map_) return nullptr;
+  const uint64_t offset = (uint64_t(layer) * uint64_t(layout_.num_experts) + uint64_t(expert)) * layout_.block_stride;
+  // a file cut short since it was mapped would fault on access: leave it to the read to report
+  struct stat st;
+  if (offset + read_bytes_ > map_size_ || ::fstat(fd_, &st) != 0 || uint64_t(st.st_size) < offset + read_bytes_)
+    return nullptr;
+  const uint64_t first = offset / page_ * page_;
+  const size_t pages = size_t((offset + read_bytes_ - first + page_ - 1) / page_);
+  thread_local std::vector<unsigned char> resident;
+  resident.resize(pages);
+  if (::mincore(map_ + first, pages * page_, resident.data()) != 0) return nullptr;
+  for (unsigned char r : resident)
+    if (!(r & 1)) return nullptr;
+  bytes_read_.fetch_add(read_bytes_);
+  blocks_read_.fetch_add(1);
+  blocks_cached_.fetch_add(1);
+  return map_ + offset;
 }
 
 void ExpertStore::io_loop() {

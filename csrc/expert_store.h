@@ -1,6 +1,8 @@
 // Expert blocks on disk: each (layer, expert) is one contiguous block of experts.bin, fetched with
 // one pread by a persistent pool of I/O threads into 4 KiB-aligned slot buffers. Reads go through
 // the OS page cache by default; direct=true opens the file with O_DIRECT (blocks are 4 KiB aligned).
+// Going through the page cache, a block whose pages are all in memory is used where it lies, from
+// a read-only mapping of the file (no copy), instead of being read.
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -33,9 +35,13 @@ class ExpertStore {
   const uint8_t* wait(int slot);
   // Waits out every queued read, failed or not, so all slots are idle (after an error).
   void drain();
+  // The block in the page cache, mapped, when every page of it is in memory (mincore); else null
+  // (and always with O_DIRECT). A block served this way counts as read.
+  const uint8_t* if_cached(int layer, int expert);
 
   uint64_t bytes_read() const { return bytes_read_.load(); }
   uint64_t blocks_read() const { return blocks_read_.load(); }
+  uint64_t blocks_cached() const { return blocks_cached_.load(); }
 
  private:
   struct Slot {
@@ -52,13 +58,16 @@ class ExpertStore {
   ExpertLayout layout_;
   uint64_t read_bytes_;
   int fd_ = -1;
+  uint8_t* map_ = nullptr;  // whole file, read-only; null with O_DIRECT
+  size_t map_size_ = 0;
+  size_t page_ = 4096;
   std::vector<Slot> slots_;
   std::vector<std::thread> threads_;
   std::mutex mutex_;
   std::condition_variable job_ready_, slot_done_;
   std::deque<Job> jobs_;
   bool stop_ = false;
-  std::atomic<uint64_t> bytes_read_{0}, blocks_read_{0};
+  std::atomic<uint64_t> bytes_read_{0}, blocks_read_{0}, blocks_cached_{0};
 };
 
 }  // namespace fm

@@ -108,3 +108,21 @@ def test_snapshot_restores_the_sequence_and_refuses_foreign_states(tiny_models: 
     other = fm.Engine(tiny_models.converted(8, "B"), device=DEVICE)
     with pytest.raises(ValueError, match="another model"):
         other.restore(state)
+
+
+def test_blocks_in_the_page_cache_are_used_in_place_with_the_same_result(
+    tiny_models: TinyModels,
+) -> None:
+    if DEVICE != "cpu":
+        pytest.skip("the CUDA backend keeps its own expert cache on the GPU")
+    model_dir = tiny_models.converted(4, "B")
+    (model_dir / "experts.bin").read_bytes()  # now in the page cache
+    ids = prompt(16, seed=4)
+    mapped = fm.Engine(model_dir, device=DEVICE)
+    read = fm.Engine(model_dir, device=DEVICE, direct_io=True)  # O_DIRECT never maps
+    for t in ids:
+        np.testing.assert_array_equal(mapped.step(t), read.step(t))
+    mapped_stats, read_stats = mapped.stats(), read.stats()
+    assert read_stats["experts_cached"] == 0
+    assert 0 < mapped_stats["experts_cached"] <= mapped_stats["experts_loaded"]
+    assert mapped_stats["experts_loaded"] == read_stats["experts_loaded"]

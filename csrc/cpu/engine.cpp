@@ -112,7 +112,7 @@ class CpuEngine final : public Engine {
   std::vector<float> expert_w_;      // [n, k]
 
   EngineStats stats_;
-  uint64_t bytes_at_reset_ = 0, blocks_at_reset_ = 0;
+  uint64_t bytes_at_reset_ = 0, blocks_at_reset_ = 0, cached_at_reset_ = 0;
   std::string broken_;  // why the state is unusable; empty when it is sound
 };
 
@@ -443,11 +443,19 @@ void CpuEngine::moe(int layer, int64_t n) {
   }
   std::sort(order.begin(), order.end());
   stats_.router_ms += ms_since(t0);
-  // queueing the reads wakes the I/O threads, which can take the core for a while: I/O time
+  // Blocks already in the page cache are used where they lie; the others are read into slots,
+  // queued up front in ascending id. Queueing wakes the I/O threads, which can take the core for
+  // a while: that counts as I/O time.
   t0 = Clock::now();
-  const int slots = store_.slots();
   const int64_t unique = int64_t(order.size());
-  for (int64_t i = 0; i < std::min<int64_t>(unique, slots); ++i) store_.start(int(i), layer, order[size_t(i)]);
+  std::vector<const uint8_t*> cached(static_cast<size_t>(unique));
+  std::vector<int64_t> to_read;  // indices into order
+  for (int64_t i = 0; i < unique; ++i)
+    if (!(cached[size_t(i)] = store_.if_cached(layer, order[size_t(i)]))) to_read.push_back(i);
+  const int slots = store_.slots();
+  const int64_t reads = int64_t(to_read.size());
+  for (int64_t j = 0; j < std::min<int64_t>(reads, slots); ++j)
+    store_.start(int(j), layer, order[size_t(to_read[size_t(j)])]);
   stats_.expert_io_wait_ms += ms_since(t0);
 
   // shared expert while the routed experts are read
@@ -462,14 +470,19 @@ void CpuEngine::moe(int layer, int64_t n) {
   }
   stats_.expert_compute_ms += ms_since(t0);
 
+  // experts in ascending id whichever way they came, so every token sums them in one order
   const ExpertLayout& L = model_.experts();
   float* xe = c_buf_.get();  // [n_e, H] inputs of one expert's tokens
   float* ye = d_.get();      // [n_e, H] its outputs
+  int64_t j = 0;             // next of to_read to wait for
   for (int64_t i = 0; i < unique; ++i) {
-    const int slot = int(i % slots);
-    t0 = Clock::now();
-    const uint8_t* block = store_.wait(slot);
-    stats_.expert_io_wait_ms += ms_since(t0);
+    const uint8_t* block = cached[size_t(i)];
+    if (!block) {
+      const int slot = int(j % slots);
+      t0 = Clock::now();
+      block = store_.wait(slot);
+      stats_.expert_io_wait_ms += ms_since(t0);
+    }
     t0 = Clock::now();
     const auto& tokens = users[size_t(order[size_t(i)])];
     const int64_t ne = int64_t(tokens.size());
@@ -478,10 +491,14 @@ void CpuEngine::moe(int layer, int64_t n) {
       std::copy(src, src + H, xe + r * H);
     }
     swiglu(matrix_at(block, L.gate), matrix_at(block, L.up), matrix_at(block, L.down), xe, ne, ye);
-    if (i + slots < unique) store_.start(slot, layer, order[size_t(i + slots)]);  // slot's block is consumed
+    if (!cached[size_t(i)]) {
+      if (j + slots < reads)  // the slot's block is consumed: read the next one into it
+        store_.start(int(j % slots), layer, order[size_t(to_read[size_t(j + slots)])]);
+      ++j;
+    }
     for (int64_t r = 0; r < ne; ++r) {
       const auto [t, wgt] = tokens[size_t(r)];
-      for (int j = 0; j < H; ++j) out[int64_t(t) * H + j] += wgt * ye[r * H + j];
+      for (int k = 0; k < H; ++k) out[int64_t(t) * H + k] += wgt * ye[r * H + k];
     }
     stats_.expert_compute_ms += ms_since(t0);
   }
@@ -491,6 +508,7 @@ EngineStats CpuEngine::stats() const {
   EngineStats s = stats_;
   s.expert_bytes_read = store_.bytes_read() - bytes_at_reset_;
   s.experts_loaded = store_.blocks_read() - blocks_at_reset_;
+  s.experts_cached = store_.blocks_cached() - cached_at_reset_;
   return s;
 }
 
@@ -498,6 +516,7 @@ void CpuEngine::reset_stats() {
   stats_ = EngineStats{};
   bytes_at_reset_ = store_.bytes_read();
   blocks_at_reset_ = store_.blocks_read();
+  cached_at_reset_ = store_.blocks_cached();
 }
 
 EngineState CpuEngine::snapshot() const {
