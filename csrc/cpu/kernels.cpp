@@ -2,8 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <numeric>
-#include <vector>
 
 // Loops below are written for the auto-vectoriser (-fopenmp-simd lets reductions reorder); on
 // x86-64 each hot one is also built for AVX2 and AVX-512 and picked at load time.
@@ -122,12 +120,14 @@ void softmax(float* x, int n) {
 }
 
 void top_k(const float* p, int n, int k, int* idx) {
-  std::vector<int> order(static_cast<size_t>(n));
-  std::iota(order.begin(), order.end(), 0);
-  std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int a, int b) {
-    return p[a] > p[b] || (p[a] == p[b] && a < b);
-  });
-  std::copy(order.begin(), order.begin() + k, idx);
+  // insertion into the k best so far (k is a handful, n a few hundred): no allocation per token
+  int have = 0;
+  for (int i = 0; i < n; ++i) {
+    if (have == k && !(p[i] > p[idx[k - 1]])) continue;  // ties keep the lower index
+    int j = have < k ? have++ : k - 1;
+    for (; j > 0 && p[i] > p[idx[j - 1]]; --j) idx[j] = idx[j - 1];
+    idx[j] = i;
+  }
 }
 
 }  // namespace fm::cpu
