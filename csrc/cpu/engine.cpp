@@ -109,7 +109,11 @@ class CpuEngine final : public Engine {
   // Scratch for a batch of up to chunk_ tokens.
   Buffer x_, h_, mix_, moe_, a_, b_, c_buf_, d_, gates_, probs_;
   std::vector<int> expert_idx_;      // [n, k]
-  std::vector<float> expert_w_;      // [n, k]
+  // the MoE's per-layer bookkeeping, kept to spare allocations inside the token
+  std::vector<std::vector<std::pair<int, float>>> expert_users_;
+  std::vector<int> expert_order_;
+  std::vector<const uint8_t*> expert_cached_;
+  std::vector<int64_t> expert_to_read_;
 
   EngineStats stats_;
   uint64_t bytes_at_reset_ = 0, blocks_at_reset_ = 0, cached_at_reset_ = 0;
@@ -209,7 +213,7 @@ CpuEngine::CpuEngine(ModelSpec spec, const EngineOptions& o)
   gates_.resize(chunk_, 2 * c_.lin_num_value_heads);
   probs_.resize(chunk_, c_.num_experts);
   expert_idx_.assign(size_t(chunk_ * k_), 0);
-  expert_w_.assign(size_t(chunk_ * k_), 0.0f);
+  expert_users_.resize(size_t(c_.num_experts));
   reset();
 }
 
@@ -251,6 +255,7 @@ void CpuEngine::forward_or_break(const int32_t* tokens, int64_t n, float* logits
     forward(tokens, n, logits);
   } catch (const std::exception& e) {
     store_.drain();
+    for (auto& u : expert_users_) u.clear();  // the failed layer's routing
     broken_ = e.what();
     throw;
   }
@@ -426,8 +431,9 @@ void CpuEngine::moe(int layer, int64_t n) {
   lin(w.router, h_.get(), n, probs_.get());
   // per token: softmax over experts, top-K, renormalise. The batch's experts run in ascending id,
   // so each token sums its experts in the same order whatever the batch (prefill == stepping).
-  std::vector<std::vector<std::pair<int, float>>> users(static_cast<size_t>(E));  // expert -> (token, weight)
-  std::vector<int> order;
+  auto& users = expert_users_;  // expert -> (token, weight); emptied again below
+  auto& order = expert_order_;
+  order.clear();
   for (int64_t t = 0; t < n; ++t) {
     float* p = probs_.get() + t * E;
     cpu::softmax(p, E);
@@ -448,8 +454,10 @@ void CpuEngine::moe(int layer, int64_t n) {
   // a while: that counts as I/O time.
   t0 = Clock::now();
   const int64_t unique = int64_t(order.size());
-  std::vector<const uint8_t*> cached(static_cast<size_t>(unique));
-  std::vector<int64_t> to_read;  // indices into order
+  auto& cached = expert_cached_;
+  auto& to_read = expert_to_read_;  // indices into order
+  cached.assign(size_t(unique), nullptr);
+  to_read.clear();
   for (int64_t i = 0; i < unique; ++i)
     if (!(cached[size_t(i)] = store_.if_cached(layer, order[size_t(i)]))) to_read.push_back(i);
   const int slots = store_.slots();
@@ -500,6 +508,7 @@ void CpuEngine::moe(int layer, int64_t n) {
       const auto [t, wgt] = tokens[size_t(r)];
       for (int k = 0; k < H; ++k) out[int64_t(t) * H + k] += wgt * ye[r * H + k];
     }
+    users[size_t(order[size_t(i)])].clear();
     stats_.expert_compute_ms += ms_since(t0);
   }
 }
