@@ -7,7 +7,8 @@
 // Quantized rows use y = sum_g(scale_g * dot(q_g, x_g) + bias_g * sum(x_g)). The x86 kernels take
 // x per group of 64 as 16-bit fixed point (x_g ~ xs_g * xi_g, xs_g = max|x_g| / 32767, error below
 // 2^-16 of the group's largest element) so each dot is exact integer multiply-adds (pmaddwd) of
-// codes and xi; only the per-group results are scaled in fp32. The portable kernels stay in fp32.
+// codes and xi (pmaddwd, and vpdpwssd with AVX-512 VNNI); only the per-group results are scaled
+// in fp32. The portable kernels stay in fp32.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -81,7 +82,7 @@ float row_bf16_generic(const uint16_t* w, const float* x, int64_t cols) {
 
 #if FM_X86
 #define FM_AVX2 __attribute__((target("avx2,fma")))
-#define FM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+#define FM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
 
 FM_AVX2 inline float hsum256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -176,7 +177,7 @@ FM_AVX512 __attribute__((always_inline)) inline void q4_group_avx512(const uint8
   const __m512i lo = _mm512_and_si512(w, _mm512_set1_epi16(15)), hi = _mm512_srli_epi16(w, 4);
   for (int t = 0; t < NT; ++t) {
     const int16_t* xt = x + t * x_stride + g * 64;
-    const __m512i d = _mm512_add_epi32(_mm512_madd_epi16(lo, load512(xt)), _mm512_madd_epi16(hi, load512(xt + 32)));
+    const __m512i d = _mm512_dpwssd_epi32(_mm512_madd_epi16(lo, load512(xt)), hi, load512(xt + 32));
     acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(sx[t][gi]), acc[t]);
   }
 }
@@ -213,7 +214,7 @@ FM_AVX512 void tile_q8_avx512(const uint8_t* q, const uint16_t* scales, const vo
     const float s = bf16_to_f32(scales[g]);
     for (int t = 0; t < NT; ++t) {
       const int16_t* xt = x + t * x_stride + g * 64;
-      const __m512i d = _mm512_add_epi32(_mm512_madd_epi16(w0, load512(xt)), _mm512_madd_epi16(w1, load512(xt + 32)));
+      const __m512i d = _mm512_dpwssd_epi32(_mm512_madd_epi16(w0, load512(xt)), w1, load512(xt + 32));
       acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(s * xs[t * groups + g]), acc[t]);
     }
   }
@@ -324,8 +325,9 @@ Kernels pick_kernels() {
   };
 #if FM_X86
   __builtin_cpu_init();
+  // the AVX-512 path needs VNNI (Ice Lake, Zen 4 and later); older AVX-512 parts take AVX2
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vl");
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (avx512 && allowed("avx512"))
     return {"avx512", {FM_TILES(tile_q4_avx512), XLayout::I16Nibble}, {FM_TILES(tile_q8_avx512), XLayout::I16},
