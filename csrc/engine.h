@@ -68,6 +68,11 @@ class Engine {
   virtual std::string describe() const = 0;
 };
 
+// EngineOptions checked against the model, for every backend: 0 takes the model's value, a value
+// outside 1..(the model's) throws std::invalid_argument naming the option.
+int resolve_experts_per_token(const ModelConfig& c, int k);
+int64_t resolve_max_context(const ModelConfig& c, int64_t n);
+
 std::unique_ptr<Engine> make_cpu_engine(ModelSpec spec, const EngineOptions& options);
 
 // The CUDA backend (csrc/cuda/). cuda_unavailable_reason() is empty when a usable GPU is present;

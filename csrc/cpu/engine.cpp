@@ -126,21 +126,6 @@ int resolve_threads(int threads) {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
-int resolve_k(const ModelConfig& c, int k) {
-  if (k < 0 || k > c.experts_per_tok)
-    throw std::invalid_argument("experts_per_token=" + std::to_string(k) + " is outside 1.." +
-                                std::to_string(c.experts_per_tok) + " (the model's top-k)");
-  return k == 0 ? c.experts_per_tok : k;
-}
-
-int64_t resolve_context(const ModelConfig& c, int64_t n) {
-  if (n < 0 || n > c.max_position_embeddings)
-    throw std::invalid_argument("max_context=" + std::to_string(n) + " is outside 1.." +
-                                std::to_string(c.max_position_embeddings) +
-                                " (the model's max_position_embeddings)");
-  return n == 0 ? c.max_position_embeddings : n;
-}
-
 int64_t resolve_chunk(int chunk) {
   if (chunk < 0 || chunk > 8192) throw std::invalid_argument("prefill_chunk must be in 1..8192");
   return chunk == 0 ? kDefaultPrefillChunk : chunk;
@@ -149,8 +134,8 @@ int64_t resolve_chunk(int chunk) {
 CpuEngine::CpuEngine(ModelSpec spec, const EngineOptions& o)
     : model_(std::move(spec)),
       c_(model_.config()),
-      k_(resolve_k(c_, o.experts_per_token)),
-      max_context_(resolve_context(c_, o.max_context)),
+      k_(resolve_experts_per_token(c_, o.experts_per_token)),
+      max_context_(resolve_max_context(c_, o.max_context)),
       chunk_(resolve_chunk(o.prefill_chunk)),
       pool_(resolve_threads(o.threads)),
       store_(model_.experts_path(), model_.experts(), std::max(k_, std::min(c_.num_experts, kPrefillSlots)),

@@ -111,21 +111,6 @@ struct CudaLayer {
 // Events of one layer for the per-phase timing (EngineOptions::profile).
 enum { kEvMixer, kEvRouter, kEvRouted, kEvExpA0, kEvExpA1, kEvExpB0, kEvExpB1, kEvPerLayer };
 
-int resolve_k(const ModelConfig& c, int k) {
-  if (k < 0 || k > c.experts_per_tok)
-    throw std::invalid_argument("experts_per_token=" + std::to_string(k) + " is outside 1.." +
-                                std::to_string(c.experts_per_tok) + " (the model's top-k)");
-  return k == 0 ? c.experts_per_tok : k;
-}
-
-int64_t resolve_context(const ModelConfig& c, int64_t n) {
-  if (n < 0 || n > c.max_position_embeddings)
-    throw std::invalid_argument("max_context=" + std::to_string(n) + " is outside 1.." +
-                                std::to_string(c.max_position_embeddings) +
-                                " (the model's max_position_embeddings)");
-  return n == 0 ? c.max_position_embeddings : n;
-}
-
 int pick_device() {
   const std::string why = cuda_unavailable_reason();
   if (!why.empty()) throw std::runtime_error(why);
@@ -226,8 +211,8 @@ CudaEngine::CudaEngine(ModelSpec spec, const EngineOptions& o)
       tensors_(spec.tensors),
       model_(std::move(spec)),
       c_(model_.config()),
-      k_(resolve_k(c_, o.experts_per_token)),
-      max_context_(resolve_context(c_, o.max_context)),
+      k_(resolve_experts_per_token(c_, o.experts_per_token)),
+      max_context_(resolve_max_context(c_, o.max_context)),
       profile_(o.profile),
       store_(model_.experts_path(), model_.experts(), std::max(2 * k_, 16),
              o.threads > 0 ? o.threads : std::max(2 * k_, 16), o.direct_io) {
