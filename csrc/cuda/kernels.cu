@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstdio>
 
+#include "cuda/device_util.cuh"
 #include "cuda/kernels.cuh"
 
 namespace fm::cuda {
@@ -27,66 +28,11 @@ __host__ __device__ inline int lanes_per_row(int cols, int bits) {
   return lpr;
 }
 
-__device__ __forceinline__ float bf16f(uint16_t v) { return __uint_as_float(uint32_t(v) << 16); }
-__device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
-__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
-__device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
-
 // x lives in shared memory as float4s whose index is XOR-swizzled within each group of 8, so the
 // lanes of a warp reading consecutive 16/32/64-byte chunks of x hit distinct banks.
 __device__ __forceinline__ int swz(int f) { return f ^ ((f >> 3) & 7); }
 __device__ __forceinline__ int xpos(int i) { return swz(i >> 2) * 4 + (i & 3); }
 
-// Small integer q (< 2^23) to float exactly: one OR and one subtract instead of a slow I2F.
-__device__ __forceinline__ float qf(uint32_t q) { return __uint_as_float(0x4B000000u | q) - 8388608.0f; }
-
-__device__ __forceinline__ uint4 load_stream(const uint4* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
-// Programmatic dependent launch (sm_90): a kernel may start while its predecessor runs. Before
-// pdl_wait() it touches only what no kernel of this token writes (weights, L2 prefetches) or
-// what the kernel two launches back wrote; it calls pdl_trigger() only after its own wait, so
-// the next kernel starts no earlier than this one's predecessor has finished.
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_trigger() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_sync() {
-  pdl_wait();
-  pdl_trigger();
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
-}
-
-// Sum over the block, returned to every thread; red holds blockDim.x/32 floats.
-__device__ float block_sum(float v, float* red) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-  v = warp_sum(v);
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  float t = 0.0f;
-  for (int i = 0; i < nw; ++i) t += red[i];
-  __syncthreads();
-  return t;
-}
 // dot of one 16-byte chunk of a row with the matching x values (x[0..] as float4s).
 template <int BITS>
 __device__ __forceinline__ float dot_chunk(const uint4& w, const float4* x);
@@ -790,26 +736,14 @@ DevMat part_shape(const PartDesc& d) {
   return m;
 }
 
+}  // namespace
+
+namespace {
 bool g_programmatic = false;
-
-template <class... Params, class... Args>
-void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, const Args&... args) {
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = s;
-  cfg.attrs = &attr;
-  cfg.numAttrs = g_programmatic ? 1 : 0;
-  FM_CUDA(cudaLaunchKernelEx(&cfg, kernel, args...));
-}
-
 }  // namespace
 
 void set_programmatic_launch(bool on) { g_programmatic = on; }
+bool programmatic_launch() { return g_programmatic; }
 
 size_t matvec_smem_bytes(int cols) { return (vector_floats(cols) + kWarps + kMaxHeads) * sizeof(float); }
 
