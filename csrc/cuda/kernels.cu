@@ -294,55 +294,6 @@ Tiling tiling(const DevMat& m, int sms) {
   return t;
 }
 
-// Softmax, top-k (ties to the lower index) and optional renormalisation by one warp; the
-// probabilities live in registers, kTopkPerLane per lane.
-constexpr int kTopkPerLane = 32;
-__device__ void warp_topk(const TopkTail& t) {
-  const int lane = threadIdx.x & 31, E = t.num_experts;
-  float v[kTopkPerLane];
-  float mx = -INFINITY;
-#pragma unroll
-  for (int i = 0; i < kTopkPerLane; ++i) {
-    const int e = lane + 32 * i;
-    v[i] = e < E ? __ldcg(t.logits + e) : -INFINITY;  // L2: written by other blocks
-    mx = fmaxf(mx, v[i]);
-  }
-  mx = warp_max(mx);
-  float sum = 0.0f;
-#pragma unroll
-  for (int i = 0; i < kTopkPerLane; ++i) {
-    v[i] = lane + 32 * i < E ? expf(v[i] - mx) : -1.0f;  // -1: never chosen
-    sum += fmaxf(v[i], 0.0f);
-  }
-  sum = warp_sum(sum);
-#pragma unroll
-  for (int i = 0; i < kTopkPerLane; ++i)
-    if (lane + 32 * i < E) v[i] /= sum;
-  float my_w = 0.0f, wsum = 0.0f;
-  int my_id = 0;
-  for (int k = 0; k < t.k; ++k) {
-    float bv = -2.0f;
-    int bi = INT_MAX;
-#pragma unroll
-    for (int i = 0; i < kTopkPerLane; ++i)
-      if (v[i] > bv) bv = v[i], bi = lane + 32 * i;  // i ascending: ties keep the lower index
-    for (int off = 16; off > 0; off >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, bv, off);
-      const int oi = __shfl_xor_sync(0xffffffffu, bi, off);
-      if (ov > bv || (ov == bv && oi < bi)) bv = ov, bi = oi;
-    }
-#pragma unroll
-    for (int i = 0; i < kTopkPerLane; ++i)
-      if (lane + 32 * i == bi) v[i] = -1.0f;
-    if (lane == k) my_id = bi, my_w = bv;
-    wsum += bv;
-  }
-  if (lane < t.k) {
-    t.ids[lane] = my_id;
-    t.weights[lane] = t.renormalize ? my_w / wsum : my_w;
-  }
-}
-
 struct MatvecParams {
   PrologueArgs pro;
   int cols = 0, njobs = 0;
