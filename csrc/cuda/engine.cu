@@ -149,6 +149,7 @@ class CudaEngine final : public Engine {
   void check_tokens(const int32_t* tokens, int64_t n) const;
   void forward(int32_t token, float* logits);
   void enqueue_layers();
+  void enqueue_lm_head();
   void mixer(int l);
   void moe(int l);
   void record(int l, int which);
@@ -519,21 +520,7 @@ void CudaEngine::forward(int32_t token, float* logits) {
     FM_CUDA(cudaGraphLaunch(graph_.exec, stream_));
   else
     enqueue_layers();
-  if (logits) {
-    const size_t base = size_t(c_.num_layers) * kEvPerLayer;
-    if (profile_) FM_CUDA(cudaEventRecord(prof_[base]->e, stream_));
-    cuda::PrologueArgs pro;
-    pro.kind = cuda::Prologue::Norm;
-    pro.src = x_.p;
-    pro.w = final_norm_;
-    pro.eps = c_.rms_norm_eps;
-    cuda::MatvecJob job;
-    job.m = lm_head_;
-    job.out = logits_.p;
-    cuda::matvec(stream_, pro, c_.hidden_size, &job, 1, sms_);
-    if (profile_) FM_CUDA(cudaEventRecord(prof_[base + 1]->e, stream_));
-    FM_CUDA(cudaMemcpyAsync(h_logits_.p, logits_.p, logits_.bytes(), cudaMemcpyDeviceToHost, stream_));
-  }
+  if (logits) enqueue_lm_head();
   lm_head_timed_ = logits != nullptr;
   FM_CUDA(cudaStreamSynchronize(stream_));
   if (logits) std::memcpy(logits, h_logits_.p, logits_.bytes());
@@ -545,6 +532,23 @@ void CudaEngine::forward(int32_t token, float* logits) {
   ++pos_;
   ++stats_.tokens;
   stats_.total_ms += ms_since(t0);
+}
+
+// logits of the residual x_ (final norm, lm_head) into h_logits_, queued on the compute stream
+void CudaEngine::enqueue_lm_head() {
+  const size_t base = size_t(c_.num_layers) * kEvPerLayer;
+  if (profile_) FM_CUDA(cudaEventRecord(prof_[base]->e, stream_));
+  cuda::PrologueArgs pro;
+  pro.kind = cuda::Prologue::Norm;
+  pro.src = x_.p;
+  pro.w = final_norm_;
+  pro.eps = c_.rms_norm_eps;
+  cuda::MatvecJob job;
+  job.m = lm_head_;
+  job.out = logits_.p;
+  cuda::matvec(stream_, pro, c_.hidden_size, &job, 1, sms_);
+  if (profile_) FM_CUDA(cudaEventRecord(prof_[base + 1]->e, stream_));
+  FM_CUDA(cudaMemcpyAsync(h_logits_.p, logits_.p, logits_.bytes(), cudaMemcpyDeviceToHost, stream_));
 }
 
 void CudaEngine::enqueue_layers() {
