@@ -10,7 +10,9 @@ about 19 GB, bench/synthetic.py) this measures:
       memory.max caps host RAM (page cache included) at 4 GB, against the I/O floor
       bytes missed per token / disk read bandwidth;
   (d) the per-layer time breakdown (mixer, router, expert I/O wait, expert compute), from runs
-      with device-event profiling.
+      with device-event profiling;
+  and batched prefill of a 2,048-token prompt in both regimes (streaming: into the empty cache,
+  in the same child process as that regime's decode), against that decode.
 Writes cuda_bench.json and prints a short table. Needs root (drop_caches, cgroups) and a GPU.
 
   python bench/cuda_bench.py --work /tmp/fmbench --out results/
@@ -119,12 +121,27 @@ def decode(engine: fm.Engine, prompt: int, tokens: int, seed: int = 0) -> dict[s
     }
 
 
-def resident(model: Path, prompt: int, tokens: int) -> dict[str, Any]:
+def prefill(engine: fm.Engine, tokens: int, seed: int = 3) -> dict[str, Any]:
+    """One prompt of `tokens` random ids from position 0, timed end to end."""
+    ids = np.random.default_rng(seed).integers(0, engine.vocab_size, tokens)
+    engine.reset()
+    engine.reset_stats()
+    t0 = time.perf_counter()
+    engine.prefill(ids)
+    elapsed = time.perf_counter() - t0
+    stats = engine.stats()
+    return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed, "stats": stats}
+
+
+def resident(model: Path, prompt: int, tokens: int, prefill_tokens: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     engine = fm.Engine(model, device="cuda", max_context=4096)
     load_s = time.perf_counter() - t0
     runs = [decode(engine, prompt, tokens, seed) for seed in range(3)]
     best = sorted(runs, key=lambda r: r["tok_s"])[1]  # the median of three
+    prefill(engine, prefill_tokens)  # warm-up
+    pre_runs = [prefill(engine, prefill_tokens, seed) for seed in range(3)]
+    pre = sorted(pre_runs, key=lambda r: r["tok_s"])[1]
     del engine
     profiled = fm.Engine(model, device="cuda", max_context=4096, profile=True)
     prof = decode(profiled, prompt, max(8, tokens // 4))
@@ -133,6 +150,7 @@ def resident(model: Path, prompt: int, tokens: int) -> dict[str, Any]:
         "load_s": load_s,
         "decode": best,
         "tok_s_runs": [r["tok_s"] for r in runs],
+        "prefill": pre,
         "profiled": prof,
     }
 
@@ -147,10 +165,13 @@ def streaming_child(args: argparse.Namespace) -> int:
         direct_io=args.direct_io,
         profile=args.profile,
     )
-    # the cache starts empty: a few tokens first, so that it holds what LRU would keep
+    # a long prompt first, into the empty cache, as a session starts
+    pre = prefill(engine, args.prefill) if args.prefill else None
+    # a few tokens so that the cache holds what LRU would keep
     decode(engine, args.prompt, 8, seed=1)
     result = decode(engine, args.prompt, args.tokens, seed=2)
     result["device"] = engine.device
+    result["prefill"] = pre
     print("RESULT " + json.dumps(result))
     return 0
 
@@ -184,7 +205,7 @@ def run_in_cgroup(argv: list[str], mem_max: int) -> dict[str, Any]:
 
 
 def streaming(
-    model: Path, args: argparse.Namespace, direct_io: bool, profile: bool, tokens: int
+    model: Path, args: argparse.Namespace, direct_io: bool, profile: bool, tokens: int, prefill: int
 ) -> dict[str, Any]:
     argv = [
         sys.executable,
@@ -198,6 +219,8 @@ def streaming(
         str(args.prompt),
         "--tokens",
         str(tokens),
+        "--prefill",
+        str(prefill),
     ]
     if direct_io:
         argv.append("--direct-io")
@@ -218,6 +241,7 @@ def main() -> int:
     p.add_argument("--prompt", type=int, default=16)
     p.add_argument("--tokens", type=int, default=64, help="tokens decoded per resident run")
     p.add_argument("--stream-tokens", type=int, default=24, help="tokens decoded per streaming run")
+    p.add_argument("--prefill", type=int, default=2048, help="prompt tokens of the prefill runs")
     p.add_argument("--cache-gb", type=float, default=2.0, help="streaming: device expert cache")
     p.add_argument("--ram-gb", type=float, default=4.0, help="streaming: cgroup memory.max, GiB")
     p.add_argument(
@@ -250,7 +274,7 @@ def main() -> int:
     print(f"model: {out['model']} (generated in {out['generate_s']:.0f} s)", flush=True)
 
     # (b) + (d) resident: first, while the new model is still in the page cache
-    res = resident(model, args.prompt, args.tokens)
+    res = resident(model, args.prompt, args.tokens, args.prefill)
     # (a)
     out["ceilings"] = device_copy_bandwidth()
     experts = model / "experts.bin"
@@ -292,8 +316,8 @@ def main() -> int:
     for direct in () if args.resident_only else (True, False):
         name = "direct" if direct else "buffered"
         try:
-            run = streaming(model, args, direct, False, args.stream_tokens)
-            prof_run = streaming(model, args, direct, True, max(8, args.stream_tokens // 2))
+            run = streaming(model, args, direct, False, args.stream_tokens, args.prefill)
+            prof_run = streaming(model, args, direct, True, max(8, args.stream_tokens // 2), 0)
         except Exception as e:  # reported, not hidden: the table says this regime failed
             out["streaming"][name] = {"error": str(e)}
             print(f"streaming {name}: FAILED {e}", flush=True)
@@ -316,6 +340,17 @@ def main() -> int:
                 "achieved_read_GBps": s["expert_bytes_read"] / (s["ms"]["total"] / 1e3) / 1e9,
             }
         )
+        if run["prefill"]:
+            pre = run["prefill"]
+            run["prefill_over_decode"] = pre["tok_s"] / run["tok_s"]
+            pre["read_GB"] = pre["stats"]["prefill_expert_bytes_read"] / 1e9
+            pre["read_GBps"] = pre["read_GB"] / pre["seconds"]
+            print(
+                f"streaming {name} prefill: {pre['tok_s']:.1f} tok/s ({pre['tokens']} tokens, "
+                f"{pre['read_GB']:.1f} GB read at {pre['read_GBps']:.2f} GB/s) "
+                f"= {run['prefill_over_decode']:.1f}x decode",
+                flush=True,
+            )
         out["streaming"][name] = run
         print(
             f"streaming {name}: {run['tok_s']:.2f} tok/s, {missed / 1e6:.0f} MB missed/token, "
@@ -344,6 +379,8 @@ def print_table(out: dict[str, Any], layers: int) -> None:
     print(f"  profiled (no graph): {r['profiled']['tok_s']:.1f} tok/s")
     print(f"  GPU busy {r['gpu_busy_ms_per_token']:.3f} ms/token")
     print(f"  lm_head kernel {r['lm_head_GBps']:.0f} GB/s")
+    rp = r["prefill"]
+    print(f"  prefill {rp['tokens']} tokens: {rp['tok_s']:.0f} tok/s ({rp['seconds']:.2f} s)")
     print("\n== (c) streaming (2 GB device cache, 4 GiB host RAM cgroup)")
     for name, s in out["streaming"].items():
         if "error" in s:
@@ -356,6 +393,13 @@ def print_table(out: dict[str, Any], layers: int) -> None:
         print(f"    I/O floor {s['io_floor_ms']:.0f} ms at {ce['disk_best_GBps']:.2f} GB/s")
         print(f"    -> {100 * s['fraction_of_io_floor']:.0f}% of the I/O floor")
         print(f"    reads {s['achieved_read_GBps']:.2f} GB/s; cgroup memory peak {peak:.2f} GiB")
+        if s.get("prefill"):
+            p = s["prefill"]
+            print(
+                f"    prefill {p['tokens']} tokens: {p['tok_s']:.1f} tok/s ({p['seconds']:.1f} s, "
+                f"{p['read_GB']:.1f} GB read at {p['read_GBps']:.2f} GB/s)"
+                f" = {s['prefill_over_decode']:.1f}x decode"
+            )
     print("\n== (d) per-layer breakdown (device-event profiling)")
     print(" resident:")
     print(format_breakdown(r["profiled"]["stats"], layers))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call: build the package with the CUDA backend, run the CUDA tests (and the parity
-# suite on device="cuda"), then the benchmarks. Everything lands in $OUT; the table prints last.
+# One device call: build the package with the CUDA backend, run the CUDA tests (and the parity and
+# prefill suites on device="cuda"), then the benchmarks. Everything lands in $OUT; the table prints last.
 #   bash bench/run_device.sh [tests|probe|bench|all]
 set -uo pipefail
 OUT=${OUT:-/tmp/flashmoe-device-out}
@@ -24,7 +24,7 @@ if [[ $WHAT == all || $WHAT == tests ]]; then
   # test_parity's first-token read count is the CPU's (the CUDA resident cache reads nothing per
   # token); test_cuda checks the CUDA accounting instead
   FLASHMOE_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
-    tests/test_parity.py -k "not first_token_reads" -rs 2>&1 | tee "$OUT/tests.log" | tail -40
+    tests/test_parity.py tests/test_prefill.py -k "not first_token_reads" -rs 2>&1 | tee "$OUT/tests.log" | tail -40
   status=${PIPESTATUS[0]}
   echo "tests: exit $status, $(( $(date +%s) - t0 )) s"
 fi
@@ -42,7 +42,7 @@ fi
 if [[ $WHAT == all || $WHAT == bench ]]; then
   t0=$(date +%s)
   # BENCH_ARGS=--resident-only skips the disk ceilings and the streaming regime
-  timeout 360 python3 bench/cuda_bench.py --work /tmp/fmbench --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" \
+  timeout 540 python3 bench/cuda_bench.py --work /tmp/fmbench --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" \
     | grep -v "^synthetic" | tail -80
   echo "bench: exit ${PIPESTATUS[0]}, $(( $(date +%s) - t0 )) s"
 fi

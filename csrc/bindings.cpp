@@ -273,6 +273,7 @@ NB_MODULE(_core, m) {
              d["ms"] = ms;
              d["prefill_tokens"] = s.prefill_tokens;
              d["prefill_chunks"] = s.prefill_chunks;
+             d["prefill_unique_experts"] = s.prefill_unique_experts;
              d["prefill_experts_loaded"] = s.prefill_experts_loaded;
              d["prefill_expert_bytes_read"] = s.prefill_expert_bytes_read;
              d["expert_cache_hits"] = s.expert_cache_hits;

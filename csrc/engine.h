@@ -28,8 +28,9 @@ struct EngineStats {
   uint64_t experts_cached = 0;  // of experts_loaded: used in place from the page cache, no copy
   double mixer_ms = 0, router_ms = 0, expert_io_wait_ms = 0, expert_compute_ms = 0, lm_head_ms = 0;
   double total_ms = 0;
-  // prefill only: chunks run, and the unique experts (summed over layers) and bytes they read
-  uint64_t prefill_tokens = 0, prefill_chunks = 0;
+  // prefill only: chunks run; the unique experts each chunk ran (summed over chunks and layers);
+  // of those, the blocks read from disk, and their bytes
+  uint64_t prefill_tokens = 0, prefill_chunks = 0, prefill_unique_experts = 0;
   uint64_t prefill_experts_loaded = 0, prefill_expert_bytes_read = 0;
   // CUDA device expert cache: routed experts found on the device / fetched, bytes copied to it,
   // and hits/misses per layer (empty on the CPU, which has no device cache)

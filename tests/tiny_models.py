@@ -349,3 +349,18 @@ def reference_model(model_dir: Path, experts_per_token: int | None = None) -> Qw
     model = Qwen3_5MoeForCausalLM(reference_config(manifest, experts_per_token)).eval()
     model.load_state_dict(engine_weights_state_dict(model_dir), strict=True)
     return model
+
+
+def routed_experts(model_dir: Path, ids: list[int]) -> list[list[set[int]]]:
+    """Per layer, per token: the experts transformers' router picks."""
+    model = reference_model(model_dir)
+    picks: list[torch.Tensor] = []
+    hooks = [
+        layer.mlp.gate.register_forward_hook(lambda _m, _i, out: picks.append(out[2]))
+        for layer in model.model.layers
+    ]
+    with torch.no_grad():
+        model(input_ids=torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    return [[set(row.tolist()) for row in p] for p in picks]

@@ -118,6 +118,7 @@ class CpuEngine final : public Engine {
   EngineStats stats_;
   uint64_t bytes_at_reset_ = 0, blocks_at_reset_ = 0, cached_at_reset_ = 0;
   std::string broken_;  // why the state is unusable; empty when it is sound
+  uint64_t unique_experts_run_ = 0;  // by every MoE call: each chunk's distinct experts, per layer
 };
 
 int resolve_threads(int threads) {
@@ -249,13 +250,14 @@ void CpuEngine::forward_or_break(const int32_t* tokens, int64_t n, float* logits
 void CpuEngine::prefill(const int32_t* tokens, int64_t n, float* logits) {
   if (n <= 0) throw std::invalid_argument("prefill needs at least one token");
   check_tokens(tokens, n);
-  const uint64_t bytes0 = store_.bytes_read(), blocks0 = store_.blocks_read();
+  const uint64_t bytes0 = store_.bytes_read(), blocks0 = store_.blocks_read(), run0 = unique_experts_run_;
   for (int64_t i = 0; i < n; i += chunk_) {
     const int64_t m = std::min(chunk_, n - i);
     forward_or_break(tokens + i, m, i + m == n ? logits : nullptr);
     ++stats_.prefill_chunks;
   }
   stats_.prefill_tokens += uint64_t(n);
+  stats_.prefill_unique_experts += unique_experts_run_ - run0;
   stats_.prefill_expert_bytes_read += store_.bytes_read() - bytes0;
   stats_.prefill_experts_loaded += store_.blocks_read() - blocks0;
 }
@@ -439,6 +441,7 @@ void CpuEngine::moe(int layer, int64_t n) {
   // a while: that counts as I/O time.
   t0 = Clock::now();
   const int64_t unique = int64_t(order.size());
+  unique_experts_run_ += uint64_t(unique);
   auto& cached = expert_cached_;
   auto& to_read = expert_to_read_;  // indices into order
   cached.assign(size_t(unique), nullptr);

@@ -117,6 +117,74 @@ __device__ inline void warp_topk(const TopkTail& t) {
   }
 }
 
+constexpr int kAttnWarps = 4;     // warps of an attention block, one position each at a time
+constexpr int kMaxHeadDim = 512;
+
+// Element c of row `row` of an embedding table, widened to fp32.
+__device__ __forceinline__ float embed_value(const DevMat& t, int64_t row, int c) {
+  const int cols = t.cols;
+  if (t.bits == 16) return bf16f(reinterpret_cast<const uint16_t*>(t.data)[row * cols + c]);
+  const int64_t g = row * (cols / 64) + c / 64;
+  const uint32_t q = t.bits == 8 ? t.data[row * cols + c] : (t.data[(row * cols + c) / 2] >> (4 * (c & 1))) & 15u;
+  return float(q) * bf16f(t.scales[g]) + bf16f(t.biases[g]);
+}
+
+// Zero-centred RMSNorm of one head (src[hd], weight 1 + w) and partial NeoX RoPE at `pos`, by a
+// block of hd threads; returns element threadIdx.x. buf: hd floats, red: 32 floats of shared memory.
+__device__ inline float norm_rope(const float* src, const float* w, const float* inv_freq, int64_t pos, int hd,
+                                  int rotary_dim, float eps, float* buf, float* red) {
+  const int t = int(threadIdx.x);
+  const float v = src[t];
+  const float inv = 1.0f / sqrtf(block_sum(v * v, red) / float(hd) + eps);
+  buf[t] = v * inv * (1.0f + w[t]);
+  __syncthreads();
+  const int half = rotary_dim / 2;
+  if (t >= rotary_dim) return buf[t];
+  const float angle = float(pos) * inv_freq[t < half ? t : t - half];
+  const float c = cosf(angle), s = sinf(angle);
+  return t < half ? buf[t] * c - buf[t + half] * s : buf[t] * c + buf[t - half] * s;
+}
+
+// One warp's online softmax over KV positions first, first + step, ... < end for query q (hd
+// floats, prescaled by nothing): returns the running max and sum, and leaves the unnormalised
+// output in acc_out[hd]. kv: [positions, 2, kv_dim], the head's keys at kvh * hd.
+struct AttnPartial {
+  float m, l;
+};
+__device__ inline AttnPartial warp_attend(const float* q_ptr, const float* kv, int kv_dim, int kvh, int hd,
+                                          int64_t first, int64_t end, int step, float* acc_out) {
+  constexpr int kE = kMaxHeadDim / 32;
+  const int lane = int(threadIdx.x) & 31, E = hd / 32;
+  const float scale = 1.0f / sqrtf(float(hd));
+  float q[kE], acc[kE];
+#pragma unroll
+  for (int e = 0; e < kE; ++e) {
+    q[e] = e < E ? q_ptr[lane + 32 * e] : 0.0f;
+    acc[e] = 0.0f;
+  }
+  float m = -INFINITY, l = 0.0f;
+  for (int64_t t = first; t < end; t += step) {
+    const float* k = kv + t * 2 * kv_dim + int64_t(kvh) * hd;
+    const float* v = k + kv_dim;
+    float d = 0.0f;
+#pragma unroll
+    for (int e = 0; e < kE; ++e)
+      if (e < E) d += q[e] * k[lane + 32 * e];
+    d = warp_sum(d) * scale;
+    const float mn = fmaxf(m, d);
+    const float c = expf(m - mn), p = expf(d - mn);
+    l = l * c + p;
+#pragma unroll
+    for (int e = 0; e < kE; ++e)
+      if (e < E) acc[e] = acc[e] * c + p * v[lane + 32 * e];
+    m = mn;
+  }
+#pragma unroll
+  for (int e = 0; e < kE; ++e)
+    if (e < E) acc_out[lane + 32 * e] = acc[e];
+  return {m, l};
+}
+
 template <class... Params, class... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, const Args&... args) {
   cudaLaunchAttribute attr;

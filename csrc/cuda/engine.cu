@@ -15,6 +15,7 @@
 
 #include "cuda/expert_cache.h"
 #include "cuda/kernels.cuh"
+#include "cuda/prefill_kernels.cuh"
 #include "engine.h"
 #include "expert_store.h"
 
@@ -26,6 +27,14 @@ using Clock = std::chrono::steady_clock;
 double ms_since(Clock::time_point t0) { return std::chrono::duration<double, std::milli>(Clock::now() - t0).count(); }
 
 constexpr double kGB = 1e9;
+// Tokens per prefill chunk. In the streaming regime a chunk of 2048 tokens touches nearly every
+// expert of a 256-expert layer once (16k routings), so per token the expert reads shrink with the
+// chunk; activations cost about 0.2 MB per token of chunk for a 35B-A3B shape.
+constexpr int kDefaultPrefillChunk = 2048;
+// Expert blocks read ahead while a chunk's experts stream in (decode needs only k), and the
+// routed experts whose tiles go into one launch as their copies land.
+constexpr int kReadSlots = 64;
+constexpr int kExpertsPerLaunch = 16;
 
 template <class T>
 struct DeviceArray {
@@ -150,6 +159,14 @@ class CudaEngine final : public Engine {
   void forward(int32_t token, float* logits);
   void enqueue_layers();
   void enqueue_lm_head();
+  void forward_chunk(const int32_t* tokens, int m, float* logits);
+  void chunk_mixer(int l, int m);
+  void chunk_moe(int l, int m);
+  void chunk_experts(int l, int m);
+  void launch_experts(const std::vector<int>& experts, const std::vector<int>& slots, size_t& tile_off);
+  void dense(const DevMat& w, const float* x, float* y, int m, cuda::Epilogue ep = cuda::Epilogue::Store,
+             const DevMat* w2 = nullptr);
+  void break_state(const std::exception& e);
   void mixer(int l);
   void moe(int l);
   void record(int l, int which);
@@ -202,6 +219,21 @@ class CudaEngine final : public Engine {
   std::vector<std::unique_ptr<Event>> prof_;
   bool lm_head_timed_ = false;
 
+  // prefill: activations [chunk, width]; the expert grouping of a layer's routing (host and device)
+  int chunk_ = 0;
+  DeviceArray<float> px_, ph_, pmixed_, pconv_, pz_, pb_, pa_, po_, pk_, pv_, plogits_, psg_, pw_;
+  DeviceArray<float> pact_shared_, py_shared_, pact_, py_;
+  DeviceArray<int> pids_, ptokens_, pperm_tok_, pperm_out_;
+  DeviceArray<cuda::GemmTile> ptiles_;
+  PinnedArray<int> h_pids_, h_perm_tok_, h_perm_out_;
+  PinnedArray<int32_t> h_tokens_;
+  PinnedArray<cuda::GemmTile> h_tiles_;
+  size_t max_tiles_ = 0;
+  std::vector<int> group_first_, group_count_;  // per expert: its rows in the permutation
+  std::vector<std::unique_ptr<Event>> slot_copied_;
+  Event computed_{false};
+
+  std::string broken_;  // why the state is unusable after a failed expert read; empty when sound
   int64_t pos_ = 0;
   EngineStats stats_;
   uint64_t bytes_at_reset_ = 0, blocks_at_reset_ = 0;
@@ -215,18 +247,20 @@ CudaEngine::CudaEngine(ModelSpec spec, const EngineOptions& o)
       k_(resolve_experts_per_token(c_, o.experts_per_token)),
       max_context_(resolve_max_context(c_, o.max_context)),
       profile_(o.profile),
-      store_(model_.experts_path(), model_.experts(), std::max(2 * k_, 16),
+      store_(model_.experts_path(), model_.experts(), std::max(2 * k_, kReadSlots),
              o.threads > 0 ? o.threads : std::max(2 * k_, 16), o.direct_io) {
-  if (o.threads < 0) throw std::invalid_argument("threads must be >= 0 (0 = one I/O thread per read slot)");
-  if (o.prefill_chunk < 0) throw std::invalid_argument("prefill_chunk must be in 1..4096");
-  if (o.prefill_chunk > 1)
-    throw std::invalid_argument("the CUDA backend prefills token by token; prefill_chunk > 1 is CPU-only");
+  if (o.threads < 0) throw std::invalid_argument("threads must be >= 0 (0 = 16 I/O threads)");
+  if (o.prefill_chunk < 0 || o.prefill_chunk > 8192) throw std::invalid_argument("prefill_chunk must be in 1..8192");
+  chunk_ = int(std::min<int64_t>(o.prefill_chunk > 0 ? o.prefill_chunk : kDefaultPrefillChunk, max_context_));
   if (o.expert_cache_gb < 0) throw std::invalid_argument("expert_cache_gb must be >= 0 (0 = what fits)");
   if (k_ >= cuda::kMaxExperts) throw std::invalid_argument("the CUDA backend runs at most 32 experts per token");
   FM_CUDA(cudaGetDeviceProperties(&props_, device_));
   sms_ = props_.multiProcessorCount;
   cuda::set_programmatic_launch(props_.major >= 9);
-  for (int s = 0; s < store_.slots(); ++s) pinned_.add(store_.buffer(s), model_.experts().block_stride);
+  for (int s = 0; s < store_.slots(); ++s) {
+    pinned_.add(store_.buffer(s), model_.experts().block_stride);
+    slot_copied_.push_back(std::make_unique<Event>());
+  }
   upload_weights();
   allocate_state();
   FM_CUDA(cudaDeviceSynchronize());  // the plain cudaMemcpy uploads are not ordered with our streams
@@ -387,6 +421,37 @@ void CudaEngine::allocate_state() {
   h_ids_.alloc(size_t(k_));
   h_logits_.alloc(size_t(c_.vocab_size));
 
+  const size_t C = size_t(chunk_), k = size_t(k_);
+  px_.alloc(C * H);
+  ph_.alloc(C * H);
+  pmixed_.alloc(C * size_t(std::max<int64_t>(ch, 2 * int64_t(nh) * hd)));
+  pconv_.alloc(C * size_t(std::max<int64_t>(ch, int64_t(nh) * hd)));
+  pz_.alloc(C * size_t(vd));
+  pb_.alloc(C * size_t(nv));
+  pa_.alloc(C * size_t(nv));
+  po_.alloc(C * size_t(std::max<int64_t>(vd, int64_t(nh) * hd)));
+  pk_.alloc(C * size_t(kv_dim));
+  pv_.alloc(C * size_t(kv_dim));
+  plogits_.alloc(C * size_t(c_.num_experts));
+  psg_.alloc(C);
+  pw_.alloc(C * k);
+  pact_shared_.alloc(C * size_t(Is));
+  py_shared_.alloc(C * H);
+  pact_.alloc(C * k * size_t(I));
+  py_.alloc(C * k * H);
+  pids_.alloc(C * k);
+  ptokens_.alloc(C);
+  pperm_tok_.alloc(C * k);
+  pperm_out_.alloc(C * k);
+  // a group of c rows takes ceil(c / 64) tiles: at most C*k/64 + one per expert
+  max_tiles_ = C * k / cuda::kGemmRows + size_t(c_.num_experts) + 1;
+  ptiles_.alloc(max_tiles_);
+  h_pids_.alloc(C * k);
+  h_perm_tok_.alloc(C * k);
+  h_perm_out_.alloc(C * k);
+  h_tokens_.alloc(C);
+  h_tiles_.alloc(max_tiles_);
+
   const int widest = std::max({H, nh * hd, int(vd), I, Is});
   const size_t smem = cuda::matvec_smem_bytes(widest);
   if (smem > props_.sharedMemPerBlockOptin)
@@ -468,6 +533,7 @@ void CudaEngine::capture_graph() {
 
 void CudaEngine::reset() {
   pos_ = 0;
+  broken_.clear();
   // KV rows past the position are never read; conv rings and recurrent states start at zero
   const int nk = c_.lin_num_key_heads, nv = c_.lin_num_value_heads;
   const size_t ch = 2 * size_t(nk) * c_.lin_key_head_dim + size_t(nv) * c_.lin_value_head_dim;
@@ -481,6 +547,9 @@ void CudaEngine::reset() {
 }
 
 void CudaEngine::check_tokens(const int32_t* tokens, int64_t n) const {
+  if (!broken_.empty())
+    throw std::runtime_error("the engine's state is unusable after an earlier error (" + broken_ +
+                             "); reset() or restore() a snapshot");
   for (int64_t i = 0; i < n; ++i)
     if (tokens[i] < 0 || tokens[i] >= c_.vocab_size)
       throw std::invalid_argument("token id " + std::to_string(tokens[i]) + " is outside the vocabulary (0.." +
@@ -493,18 +562,42 @@ void CudaEngine::check_tokens(const int32_t* tokens, int64_t n) const {
 
 void CudaEngine::step(int32_t token, float* logits) {
   check_tokens(&token, 1);
-  forward(token, logits);
+  try {
+    forward(token, logits);
+  } catch (const std::exception& e) {
+    break_state(e);
+    throw;
+  }
 }
 
 void CudaEngine::prefill(const int32_t* tokens, int64_t n, float* logits) {
   if (n <= 0) throw std::invalid_argument("prefill needs at least one token");
   check_tokens(tokens, n);
   const uint64_t bytes0 = store_.bytes_read(), blocks0 = store_.blocks_read();
-  for (int64_t i = 0; i < n; ++i) forward(tokens[i], i + 1 == n ? logits : nullptr);
+  try {
+    for (int64_t i = 0; i < n; i += chunk_) {
+      const int m = int(std::min<int64_t>(chunk_, n - i));
+      forward_chunk(tokens + i, m, i + m == n ? logits : nullptr);
+      ++stats_.prefill_chunks;
+    }
+  } catch (const std::exception& e) {
+    break_state(e);
+    throw;
+  }
   stats_.prefill_tokens += uint64_t(n);
-  stats_.prefill_chunks += uint64_t(n);  // token by token
   stats_.prefill_expert_bytes_read += store_.bytes_read() - bytes0;
   stats_.prefill_experts_loaded += store_.blocks_read() - blocks0;
+}
+
+// After a failed expert read the layer was left half done and the cache may name blocks that never
+// arrived: reads in flight are waited out, the cache forgets everything, and tokens are refused
+// until reset() or restore().
+void CudaEngine::break_state(const std::exception& e) {
+  store_.drain();
+  cudaStreamSynchronize(copy_stream_);
+  cudaStreamSynchronize(stream_);
+  if (policy_) policy_ = std::make_unique<cuda::ExpertCachePolicy>(capacity_, c_.num_layers * c_.num_experts);
+  broken_ = e.what();
 }
 
 void CudaEngine::record(int l, int which) {
@@ -748,6 +841,256 @@ void CudaEngine::moe(int l) {
   stats_.layer_cache_misses[size_t(l)] += uint64_t(misses.n);
 }
 
+// ---- batched prefill: a chunk of m tokens as [m, width] matrices, layer by layer ----
+
+// A matrix in device memory as offsets from `base`, which it lies after.
+cuda::PartDesc part_from(const uint8_t* base, const DevMat& m) {
+  cuda::PartDesc d;
+  d.rows = m.rows;
+  d.cols = m.cols;
+  d.bits = m.bits;
+  d.data_off = uint64_t(m.data - base);
+  if (m.bits != 16) {
+    d.scales_off = uint64_t(reinterpret_cast<const uint8_t*>(m.scales) - base);
+    d.biases_off = uint64_t(reinterpret_cast<const uint8_t*>(m.biases) - base);
+  }
+  return d;
+}
+
+// y (op)= x W^T for the chunk's m rows (x [m, w.cols], y [m, w.rows]); SwiGLU takes w2 as up.
+void CudaEngine::dense(const DevMat& w, const float* x, float* y, int m, cuda::Epilogue ep, const DevMat* w2) {
+  cuda::GemmArgs g;
+  g.base = weights_.p;
+  g.w = part_from(weights_.p, w);
+  if (w2) g.w2 = part_from(weights_.p, *w2);
+  g.m = m;
+  g.x = x;
+  g.ldx = w.cols;
+  g.y = y;
+  g.ldy = w.rows;
+  g.ep = ep;
+  cuda::gemm(stream_, g);
+}
+
+void CudaEngine::forward_chunk(const int32_t* tokens, int m, float* logits) {
+  const auto t0 = Clock::now();
+  std::memcpy(h_tokens_.p, tokens, size_t(m) * sizeof(int32_t));
+  FM_CUDA(cudaMemcpyAsync(ptokens_.p, h_tokens_.p, size_t(m) * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
+  cuda::embed_rows(stream_, embed_, ptokens_.p, m, px_.p);
+  for (int l = 0; l < c_.num_layers; ++l) {
+    chunk_mixer(l, m);
+    chunk_moe(l, m);
+  }
+  pos_ += m;
+  if (logits) {
+    const size_t H = size_t(c_.hidden_size);
+    FM_CUDA(cudaMemcpyAsync(x_.p, px_.p + size_t(m - 1) * H, H * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
+    enqueue_lm_head();
+  }
+  lm_head_timed_ = false;
+  FM_CUDA(cudaStreamSynchronize(stream_));
+  if (logits) std::memcpy(logits, h_logits_.p, logits_.bytes());
+  stats_.tokens += uint64_t(m);
+  stats_.total_ms += ms_since(t0);
+}
+
+void CudaEngine::chunk_mixer(int l, int m) {
+  const CudaLayer& w = layers_[size_t(l)];
+  const int H = c_.hidden_size;
+  cuda::rmsnorm_rows(stream_, px_.p, w.input_norm, c_.rms_norm_eps, m, H, ph_.p);
+  if (w.type == LayerType::FullAttention) {
+    dense(w.q_proj, ph_.p, pmixed_.p, m);
+    dense(w.k_proj, ph_.p, pk_.p, m);
+    dense(w.v_proj, ph_.p, pv_.p, m);
+    cuda::ChunkAttnArgs a;
+    a.qg = pmixed_.p;
+    a.kraw = pk_.p;
+    a.vraw = pv_.p;
+    a.q_norm = w.q_norm;
+    a.k_norm = w.k_norm;
+    a.inv_freq = inv_freq_.p;
+    a.q = pconv_.p;
+    a.kv = w.kv;
+    a.out = po_.p;
+    a.pos0 = pos_;
+    a.n = m;
+    a.nh = c_.num_heads;
+    a.nkv = c_.num_kv_heads;
+    a.hd = c_.head_dim;
+    a.rotary_dim = c_.rotary_dim;
+    a.eps = c_.rms_norm_eps;
+    cuda::chunk_attention(stream_, a);
+    dense(w.o_proj, po_.p, px_.p, m, cuda::Epilogue::Accumulate);
+  } else {
+    dense(w.in_qkv, ph_.p, pmixed_.p, m);
+    dense(w.in_z, ph_.p, pz_.p, m);
+    dense(w.in_b, ph_.p, pb_.p, m);
+    dense(w.in_a, ph_.p, pa_.p, m);
+    cuda::ChunkDeltaArgs d;
+    d.mixed = pmixed_.p;
+    d.conv = pconv_.p;
+    d.b = pb_.p;
+    d.a = pa_.p;
+    d.conv_w = w.conv_w;
+    d.a_log = w.a_log;
+    d.dt_bias = w.dt_bias;
+    d.conv_ring = w.conv;
+    d.state = w.ssm;
+    d.o = po_.p;
+    d.pos0 = pos_;
+    d.n = m;
+    d.nk = c_.lin_num_key_heads;
+    d.nv = c_.lin_num_value_heads;
+    d.dk = c_.lin_key_head_dim;
+    d.dv = c_.lin_value_head_dim;
+    d.kernel = c_.conv_kernel;
+    cuda::chunk_deltanet(stream_, d);
+    cuda::gated_norm_rows(stream_, po_.p, pz_.p, w.out_norm, c_.rms_norm_eps, m, c_.lin_num_value_heads,
+                          c_.lin_value_head_dim);
+    dense(w.out_proj, po_.p, px_.p, m, cuda::Epilogue::Accumulate);
+  }
+}
+
+void CudaEngine::chunk_moe(int l, int m) {
+  const CudaLayer& w = layers_[size_t(l)];
+  const int H = c_.hidden_size, E = c_.num_experts;
+  cuda::rmsnorm_rows(stream_, px_.p, w.post_norm, c_.rms_norm_eps, m, H, ph_.p);
+  dense(w.router, ph_.p, plogits_.p, m);
+  dense(w.shared_gate, ph_.p, psg_.p, m);
+  cuda::topk_rows(stream_, plogits_.p, m, E, k_, c_.norm_topk_prob, pids_.p, pw_.p);
+  // the layer's one synchronisation: the chunk's routing, to group tokens by expert
+  FM_CUDA(cudaMemcpyAsync(h_pids_.p, pids_.p, size_t(m) * k_ * sizeof(int), cudaMemcpyDeviceToHost, stream_));
+  FM_CUDA(cudaEventRecord(routed_.e, stream_));
+  dense(w.sh_gate, ph_.p, pact_shared_.p, m, cuda::Epilogue::SwiGLU, &w.sh_up);
+  dense(w.sh_down, pact_shared_.p, py_shared_.p, m);
+  FM_CUDA(cudaEventSynchronize(routed_.e));
+  chunk_experts(l, m);
+  cuda::combine_rows(stream_, px_.p, psg_.p, py_shared_.p, pw_.p, py_.p, m, k_, H);
+}
+
+// Groups the chunk's (token, choice) pairs by expert, ascending, then runs every routed expert
+// once on its group: gate/up with SwiGLU on the gathered rows of h, down scattered to y[t*k + j].
+// Streaming: hits run at once; misses are read (kReadSlots in flight) and copied in, and run
+// kExpertsPerLaunch at a time as their copies land.
+void CudaEngine::chunk_experts(int l, int m) {
+  const int E = c_.num_experts, n = m * k_;
+  group_count_.assign(size_t(E), 0);
+  group_first_.assign(size_t(E) + 1, 0);
+  for (int i = 0; i < n; ++i) ++group_count_[size_t(h_pids_.p[i])];
+  for (int e = 0; e < E; ++e) group_first_[size_t(e) + 1] = group_first_[size_t(e)] + group_count_[size_t(e)];
+  std::vector<int> fill(group_first_.begin(), group_first_.end() - 1);
+  for (int i = 0; i < n; ++i) {
+    const int at = fill[size_t(h_pids_.p[i])]++;
+    h_perm_tok_.p[at] = i / k_;
+    h_perm_out_.p[at] = i;
+  }
+  FM_CUDA(cudaMemcpyAsync(pperm_tok_.p, h_perm_tok_.p, size_t(n) * sizeof(int), cudaMemcpyHostToDevice, stream_));
+  FM_CUDA(cudaMemcpyAsync(pperm_out_.p, h_perm_out_.p, size_t(n) * sizeof(int), cudaMemcpyHostToDevice, stream_));
+  std::vector<int> used;
+  for (int e = 0; e < E; ++e)
+    if (group_count_[size_t(e)] > 0) used.push_back(e);
+  stats_.prefill_unique_experts += used.size();
+  size_t tile_off = 0;
+  if (resident_) {
+    std::vector<int> slots;
+    for (int e : used) slots.push_back(l * E + e);
+    launch_experts(used, slots, tile_off);
+    stats_.expert_cache_hits += used.size();
+    stats_.layer_cache_hits[size_t(l)] += used.size();
+    return;
+  }
+  const ExpertLayout& L = model_.experts();
+  const int S = store_.slots();
+  // waves of at most capacity_ experts: a wave's blocks are all in the cache at once
+  for (size_t w0 = 0; w0 < used.size(); w0 += size_t(capacity_)) {
+    const size_t w1 = std::min(used.size(), w0 + size_t(capacity_));
+    std::vector<int> hits, hit_slots, misses, miss_slots;
+    for (size_t i = w0; i < w1; ++i) {
+      const int slot = policy_->find(l * E + used[i]);
+      if (slot >= 0) hits.push_back(used[i]), hit_slots.push_back(slot);
+      else misses.push_back(used[i]);
+    }
+    for (int e : misses) miss_slots.push_back(policy_->insert(l * E + e));
+    if (w0 > 0) {  // victims may be blocks the previous wave's kernels still read
+      FM_CUDA(cudaEventRecord(computed_.e, stream_));
+      FM_CUDA(cudaStreamWaitEvent(copy_stream_, computed_.e, 0));
+    }
+    const int nm = int(misses.size());
+    // a read slot is reused once the copy out of it (from an earlier wave) is done
+    auto start_read = [&](int i) {
+      FM_CUDA(cudaEventSynchronize(slot_copied_[size_t(i % S)]->e));
+      store_.start(i % S, l, misses[size_t(i)]);
+    };
+    for (int i = 0; i < std::min(nm, S); ++i) start_read(i);
+    if (!hits.empty()) launch_experts(hits, hit_slots, tile_off);
+    std::vector<int> ready, ready_slots;
+    for (int i = 0; i < nm; ++i) {
+      const int s = i % S;
+      const auto t0 = Clock::now();
+      const uint8_t* src = store_.wait(s);
+      stats_.expert_io_wait_ms += ms_since(t0);
+      FM_CUDA(cudaMemcpyAsync(cache_.p + uint64_t(miss_slots[size_t(i)]) * L.block_stride, src, L.block_bytes,
+                              cudaMemcpyHostToDevice, copy_stream_));
+      FM_CUDA(cudaEventRecord(slot_copied_[size_t(s)]->e, copy_stream_));
+      stats_.bytes_h2d += L.block_bytes;
+      ready.push_back(misses[size_t(i)]);
+      ready_slots.push_back(miss_slots[size_t(i)]);
+      if (int(ready.size()) == kExpertsPerLaunch || i + 1 == nm) {
+        FM_CUDA(cudaEventRecord(copied_.e, copy_stream_));
+        FM_CUDA(cudaStreamWaitEvent(stream_, copied_.e, 0));
+        launch_experts(ready, ready_slots, tile_off);
+        ready.clear();
+        ready_slots.clear();
+      }
+      if (i + S < nm) start_read(i + S);
+    }
+    stats_.expert_cache_hits += hits.size();
+    stats_.expert_cache_misses += misses.size();
+    stats_.layer_cache_hits[size_t(l)] += hits.size();
+    stats_.layer_cache_misses[size_t(l)] += misses.size();
+  }
+}
+
+// Gate/up + SwiGLU and down of the given experts (blocks in the given cache slots) on their rows.
+void CudaEngine::launch_experts(const std::vector<int>& experts, const std::vector<int>& slots,
+                                size_t& tile_off) {
+  const ExpertLayout& L = model_.experts();
+  const size_t first = tile_off;
+  for (size_t i = 0; i < experts.size(); ++i) {
+    const uint8_t* base = cache_.p + uint64_t(slots[i]) * L.block_stride;
+    const int e = experts[i], r0 = group_first_[size_t(e)], r1 = r0 + group_count_[size_t(e)];
+    for (int r = r0; r < r1; r += cuda::kGemmRows) {
+      if (tile_off >= max_tiles_) throw std::logic_error("prefill: tile list overflow");
+      h_tiles_.p[tile_off++] = cuda::GemmTile{base, r, std::min(cuda::kGemmRows, r1 - r)};
+    }
+  }
+  const int nt = int(tile_off - first);
+  FM_CUDA(cudaMemcpyAsync(ptiles_.p + first, h_tiles_.p + first, size_t(nt) * sizeof(cuda::GemmTile),
+                          cudaMemcpyHostToDevice, stream_));
+  cuda::GemmArgs g;
+  g.tiles = ptiles_.p + first;
+  g.ntiles = nt;
+  g.w = part(L.gate);
+  g.w2 = part(L.up);
+  g.x = ph_.p;
+  g.ldx = c_.hidden_size;
+  g.xrows = pperm_tok_.p;
+  g.y = pact_.p;
+  g.ldy = L.gate.rows();
+  g.ep = cuda::Epilogue::SwiGLU;
+  cuda::gemm(stream_, g);
+  cuda::GemmArgs d;
+  d.tiles = g.tiles;
+  d.ntiles = nt;
+  d.w = part(L.down);
+  d.x = pact_.p;
+  d.ldx = L.down.cols();
+  d.y = py_.p;
+  d.ldy = c_.hidden_size;
+  d.yrows = pperm_out_.p;
+  cuda::gemm(stream_, d);
+}
+
 void CudaEngine::collect_profile() {
   auto span = [&](size_t a, size_t b) {
     float ms = 0;
@@ -860,6 +1203,7 @@ void CudaEngine::restore(const EngineState& s) {
   }
   FM_CUDA(cudaStreamSynchronize(stream_));
   pos_ = s.position;
+  broken_.clear();
 }
 
 std::string CudaEngine::describe() const {

@@ -17,8 +17,6 @@ void check(cudaError_t err, const char* what, const char* file, int line) {
 namespace {
 
 constexpr int kWarps = kThreads / 32;
-constexpr int kAttnWarps = 4;
-constexpr int kMaxHeadDim = 512;
 
 __host__ __device__ inline int padded_cols(int cols) { return (cols + 31) / 32 * 32; }
 __host__ __device__ inline int lanes_per_row(int cols, int bits) {
