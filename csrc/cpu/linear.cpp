@@ -35,16 +35,23 @@ namespace {
 //   I16:       int16 as is, plus one fp32 scale per group
 enum class XLayout { F32Nibble, F32, I16Nibble, I16 };
 
-// A tile of NT tokens against one quantized row: out[t] = sum_g(scale_g * [xs_tg *] dot(q_g, x_tg)).
-// Token t's prepared x starts at x + t * x_stride elements, its group scales at xs + t * groups.
-// The caller adds the bias term.
-using TileQ = void (*)(const uint8_t* q, const uint16_t* scales, const void* x, const float* xs,
-                       int64_t x_stride, int64_t groups, float* out);
+// A tile of NT tokens against one quantized row:
+//   out[t] = sum_g(scale_g * [xs_tg *] dot(q_g, x_tg)) + sum_g(bias_g * sum(x_tg)).
+// Token t's prepared x starts at x + t * x_stride elements; its group scales and group sums at
+// xs + t * groups and sums + t * groups.
+using TileQ = void (*)(const uint8_t* q, const uint16_t* scales, const uint16_t* biases, const void* x,
+                       const float* xs, const float* sums, int64_t x_stride, int64_t groups, float* out);
 using RowBf16 = float (*)(const uint16_t* w, const float* x, int64_t cols);
 
+float row_bf16_generic(const uint16_t* w, const float* x, int64_t cols) {
+  float acc = 0.0f;
+  for (int64_t c = 0; c < cols; ++c) acc += bf16_to_f32(w[c]) * x[c];
+  return acc;
+}
+
 template <int NT>
-void tile_q4_generic(const uint8_t* q0, const uint16_t* scales, const void* xv, const float*,
-                     int64_t x_stride, int64_t groups, float* out) {
+void tile_q4_generic(const uint8_t* q0, const uint16_t* scales, const uint16_t* biases, const void* xv, const float*,
+                     const float* sums, int64_t x_stride, int64_t groups, float* out) {
   for (int t = 0; t < NT; ++t) {
     const float* x = static_cast<const float*>(xv) + t * x_stride;
     const uint8_t* q = q0;
@@ -54,13 +61,13 @@ void tile_q4_generic(const uint8_t* q0, const uint16_t* scales, const void* xv, 
       for (int i = 0; i < 32; ++i) d += float(q[i] & 15) * x[i] + float(q[i] >> 4) * x[32 + i];
       acc += bf16_to_f32(scales[g]) * d;
     }
-    out[t] = acc;
+    out[t] = acc + row_bf16_generic(biases, sums + t * groups, groups);
   }
 }
 
 template <int NT>
-void tile_q8_generic(const uint8_t* q0, const uint16_t* scales, const void* xv, const float*,
-                     int64_t x_stride, int64_t groups, float* out) {
+void tile_q8_generic(const uint8_t* q0, const uint16_t* scales, const uint16_t* biases, const void* xv, const float*,
+                     const float* sums, int64_t x_stride, int64_t groups, float* out) {
   for (int t = 0; t < NT; ++t) {
     const float* x = static_cast<const float*>(xv) + t * x_stride;
     const uint8_t* q = q0;
@@ -70,14 +77,40 @@ void tile_q8_generic(const uint8_t* q0, const uint16_t* scales, const void* xv, 
       for (int i = 0; i < 64; ++i) d += float(q[i]) * x[i];
       acc += bf16_to_f32(scales[g]) * d;
     }
-    out[t] = acc;
+    out[t] = acc + row_bf16_generic(biases, sums + t * groups, groups);
   }
 }
 
-float row_bf16_generic(const uint16_t* w, const float* x, int64_t cols) {
-  float acc = 0.0f;
-  for (int64_t c = 0; c < cols; ++c) acc += bf16_to_f32(w[c]) * x[c];
-  return acc;
+// Column of x that position i of a laid-out group of 64 holds.
+inline int source_column(bool nibble_order, int i) {
+  return nibble_order ? (i < 32 ? 2 * i : 2 * (i - 32) + 1) : i;
+}
+
+// Lays one token's x out for a kernel (see XLayout) at `out` (cols elements), its int16 group
+// scales at `xs`, and the plain sum of each group of 64 at `sums` (for the bias term).
+using PrepareX = void (*)(XLayout layout, const float* x, int64_t groups, float* out, float* xs, float* sums);
+
+void prepare_generic(XLayout layout, const float* x, int64_t groups, float* out, float* xs, float* sums) {
+  for (int64_t g = 0; g < groups; ++g) {
+    float s = 0.0f;
+    for (int i = 0; i < 64; ++i) s += x[g * 64 + i];
+    sums[g] = s;
+  }
+  const bool nibble = layout == XLayout::F32Nibble || layout == XLayout::I16Nibble;
+  if (layout == XLayout::F32 || layout == XLayout::F32Nibble) {
+    for (int64_t g = 0; g < groups; ++g)
+      for (int i = 0; i < 64; ++i) out[g * 64 + i] = x[g * 64 + source_column(nibble, i)];
+    return;
+  }
+  int16_t* xi = reinterpret_cast<int16_t*>(out);
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* xg = x + g * 64;
+    float amax = 0.0f;
+    for (int i = 0; i < 64; ++i) amax = std::max(amax, std::fabs(xg[i]));
+    const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+    xs[g] = amax / 32767.0f;
+    for (int i = 0; i < 64; ++i) xi[g * 64 + i] = int16_t(std::lrint(xg[source_column(nibble, i)] * inv));
+  }
 }
 
 #if FM_X86
@@ -96,9 +129,23 @@ FM_AVX2 inline __m256i widen16(const uint8_t* p) {
   return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+FM_AVX2 float row_bf16_avx2(const uint16_t* w, const float* x, int64_t cols) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 16 <= cols; c += 16) {
+    __m256i a = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c)));
+    __m256i b = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c + 8)));
+    acc0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(a, 16)), _mm256_loadu_ps(x + c), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(b, 16)), _mm256_loadu_ps(x + c + 8), acc1);
+  }
+  float acc = hsum256(_mm256_add_ps(acc0, acc1));
+  for (; c < cols; ++c) acc += bf16_to_f32(w[c]) * x[c];
+  return acc;
+}
+
 template <int NT>
-FM_AVX2 void tile_q4_avx2(const uint8_t* q, const uint16_t* scales, const void* xv, const float* xs,
-                          int64_t x_stride, int64_t groups, float* out) {
+FM_AVX2 void tile_q4_avx2(const uint8_t* q, const uint16_t* scales, const uint16_t* biases, const void* xv,
+                          const float* xs, const float* sums, int64_t x_stride, int64_t groups, float* out) {
   const int16_t* x = static_cast<const int16_t*>(xv);
   const __m256i low4 = _mm256_set1_epi16(15);
   __m256 acc[NT];
@@ -116,12 +163,12 @@ FM_AVX2 void tile_q4_avx2(const uint8_t* q, const uint16_t* scales, const void* 
       acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(s * xs[t * groups + g]), acc[t]);
     }
   }
-  for (int t = 0; t < NT; ++t) out[t] = hsum256(acc[t]);
+  for (int t = 0; t < NT; ++t) out[t] = hsum256(acc[t]) + row_bf16_avx2(biases, sums + t * groups, groups);
 }
 
 template <int NT>
-FM_AVX2 void tile_q8_avx2(const uint8_t* q, const uint16_t* scales, const void* xv, const float* xs,
-                          int64_t x_stride, int64_t groups, float* out) {
+FM_AVX2 void tile_q8_avx2(const uint8_t* q, const uint16_t* scales, const uint16_t* biases, const void* xv,
+                          const float* xs, const float* sums, int64_t x_stride, int64_t groups, float* out) {
   const int16_t* x = static_cast<const int16_t*>(xv);
   __m256 acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
@@ -136,22 +183,9 @@ FM_AVX2 void tile_q8_avx2(const uint8_t* q, const uint16_t* scales, const void* 
       acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(s * xs[t * groups + g]), acc[t]);
     }
   }
-  for (int t = 0; t < NT; ++t) out[t] = hsum256(acc[t]);
+  for (int t = 0; t < NT; ++t) out[t] = hsum256(acc[t]) + row_bf16_avx2(biases, sums + t * groups, groups);
 }
 
-FM_AVX2 float row_bf16_avx2(const uint16_t* w, const float* x, int64_t cols) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int64_t c = 0;
-  for (; c + 16 <= cols; c += 16) {
-    __m256i a = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c)));
-    __m256i b = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c + 8)));
-    acc0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(a, 16)), _mm256_loadu_ps(x + c), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(b, 16)), _mm256_loadu_ps(x + c + 8), acc1);
-  }
-  float acc = hsum256(_mm256_add_ps(acc0, acc1));
-  for (; c < cols; ++c) acc += bf16_to_f32(w[c]) * x[c];
-  return acc;
-}
 
 FM_AVX512 inline __m512i load512(const void* p) { return _mm512_loadu_si512(p); }
 FM_AVX512 inline __m512i widen32(const uint8_t* p) {
@@ -169,6 +203,18 @@ FM_AVX512 __attribute__((always_inline)) inline void group_scales_avx512(const u
   for (int t = 0; t < NT; ++t) _mm512_store_ps(sx[t], _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, xs + t * groups + g0)));
 }
 
+// The bias term of NT tokens, 16 groups at a time, into their accumulators.
+template <int NT>
+FM_AVX512 __attribute__((always_inline)) inline void bias_avx512(const uint16_t* biases, const float* sums,
+                                                                  int64_t groups, __m512* acc) {
+  for (int64_t g0 = 0; g0 < groups; g0 += 16) {
+    const __mmask16 m = __mmask16((1u << std::min<int64_t>(16, groups - g0)) - 1);
+    const __m512i bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, biases + g0));
+    const __m512 b = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+    for (int t = 0; t < NT; ++t) acc[t] = _mm512_fmadd_ps(b, _mm512_maskz_loadu_ps(m, sums + t * groups + g0), acc[t]);
+  }
+}
+
 template <int NT>
 FM_AVX512 __attribute__((always_inline)) inline void q4_group_avx512(const uint8_t* q, const int16_t* x,
                                                                       int64_t x_stride, int64_t g, float (*sx)[16],
@@ -183,12 +229,13 @@ FM_AVX512 __attribute__((always_inline)) inline void q4_group_avx512(const uint8
 }
 
 template <int NT>
-FM_AVX512 void tile_q4_avx512(const uint8_t* q, const uint16_t* scales, const void* xv, const float* xs,
-                              int64_t x_stride, int64_t groups, float* out) {
+FM_AVX512 void tile_q4_avx512(const uint8_t* q, const uint16_t* scales, const uint16_t* biases, const void* xv,
+                              const float* xs, const float* sums, int64_t x_stride, int64_t groups, float* out) {
   const int16_t* x = static_cast<const int16_t*>(xv);
   // two accumulators per token so consecutive groups do not wait on one FMA chain
   __m512 acc0[NT], acc1[NT];
   for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = _mm512_setzero_ps();
+  bias_avx512<NT>(biases, sums, groups, acc1);
   alignas(64) float sx[NT][16];
   for (int64_t g0 = 0; g0 < groups; g0 += 16) {
     const int n = int(std::min<int64_t>(16, groups - g0));
@@ -204,11 +251,12 @@ FM_AVX512 void tile_q4_avx512(const uint8_t* q, const uint16_t* scales, const vo
 }
 
 template <int NT>
-FM_AVX512 void tile_q8_avx512(const uint8_t* q, const uint16_t* scales, const void* xv, const float* xs,
-                              int64_t x_stride, int64_t groups, float* out) {
+FM_AVX512 void tile_q8_avx512(const uint8_t* q, const uint16_t* scales, const uint16_t* biases, const void* xv,
+                              const float* xs, const float* sums, int64_t x_stride, int64_t groups, float* out) {
   const int16_t* x = static_cast<const int16_t*>(xv);
   __m512 acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+  bias_avx512<NT>(biases, sums, groups, acc);
   for (int64_t g = 0; g < groups; ++g, q += 64) {
     const __m512i w0 = widen32(q), w1 = widen32(q + 32);
     const float s = bf16_to_f32(scales[g]);
@@ -234,6 +282,33 @@ FM_AVX512 float row_bf16_avx512(const uint16_t* w, const float* x, int64_t cols)
   for (; c < cols; ++c) acc += bf16_to_f32(w[c]) * x[c];
   return acc;
 }
+
+// prepare_generic for the int16 layouts, a group of 64 per iteration: the same codes and scales
+// (the products round to nearest even, as lrint does); the group sums add in another order.
+FM_AVX512 void prepare_avx512(XLayout layout, const float* x, int64_t groups, float* out, float* xs, float* sums) {
+  if (layout != XLayout::I16 && layout != XLayout::I16Nibble) return prepare_generic(layout, x, groups, out, xs, sums);
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  int16_t* xi = reinterpret_cast<int16_t*>(out);
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* xg = x + g * 64;
+    __m512 v[4] = {_mm512_loadu_ps(xg), _mm512_loadu_ps(xg + 16), _mm512_loadu_ps(xg + 32), _mm512_loadu_ps(xg + 48)};
+    sums[g] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(v[0], v[1]), _mm512_add_ps(v[2], v[3])));
+    const __m512 m = _mm512_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])),
+                                   _mm512_max_ps(_mm512_abs_ps(v[2]), _mm512_abs_ps(v[3])));
+    const float amax = _mm512_reduce_max_ps(m);
+    const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 32767.0f / amax : 0.0f);
+    xs[g] = amax / 32767.0f;
+    if (layout == XLayout::I16Nibble) {
+      const __m512 e0 = _mm512_permutex2var_ps(v[0], even, v[1]), e1 = _mm512_permutex2var_ps(v[2], even, v[3]);
+      const __m512 o0 = _mm512_permutex2var_ps(v[0], odd, v[1]), o1 = _mm512_permutex2var_ps(v[2], odd, v[3]);
+      v[0] = e0, v[1] = e1, v[2] = o0, v[3] = o1;
+    }
+    for (int i = 0; i < 4; ++i)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xi + g * 64 + 16 * i),
+                          _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(v[i], inv))));
+  }
+}
 #endif
 
 #if FM_NEON
@@ -246,8 +321,8 @@ inline int32x4_t mla_u8x8(int32x4_t acc, uint8x8_t codes, const int16_t* x) {
 }
 
 template <int NT>
-void tile_q4_neon(const uint8_t* q, const uint16_t* scales, const void* xv, const float* xs, int64_t x_stride,
-                  int64_t groups, float* out) {
+void tile_q4_neon(const uint8_t* q, const uint16_t* scales, const uint16_t* biases, const void* xv, const float* xs,
+                  const float* sums, int64_t x_stride, int64_t groups, float* out) {
   const int16_t* x = static_cast<const int16_t*>(xv);
   float32x4_t acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = vdupq_n_f32(0.0f);
@@ -271,12 +346,12 @@ void tile_q4_neon(const uint8_t* q, const uint16_t* scales, const void* xv, cons
       acc[t] = vfmaq_n_f32(acc[t], vcvtq_f32_s32(d), s * xs[t * groups + g]);
     }
   }
-  for (int t = 0; t < NT; ++t) out[t] = vaddvq_f32(acc[t]);
+  for (int t = 0; t < NT; ++t) out[t] = vaddvq_f32(acc[t]) + row_bf16_generic(biases, sums + t * groups, groups);
 }
 
 template <int NT>
-void tile_q8_neon(const uint8_t* q, const uint16_t* scales, const void* xv, const float* xs, int64_t x_stride,
-                  int64_t groups, float* out) {
+void tile_q8_neon(const uint8_t* q, const uint16_t* scales, const uint16_t* biases, const void* xv, const float* xs,
+                  const float* sums, int64_t x_stride, int64_t groups, float* out) {
   const int16_t* x = static_cast<const int16_t*>(xv);
   float32x4_t acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = vdupq_n_f32(0.0f);
@@ -293,7 +368,7 @@ void tile_q8_neon(const uint8_t* q, const uint16_t* scales, const void* xv, cons
       acc[t] = vfmaq_n_f32(acc[t], vcvtq_f32_s32(d), s * xs[t * groups + g]);
     }
   }
-  for (int t = 0; t < NT; ++t) out[t] = vaddvq_f32(acc[t]);
+  for (int t = 0; t < NT; ++t) out[t] = vaddvq_f32(acc[t]) + row_bf16_generic(biases, sums + t * groups, groups);
 }
 #endif
 
@@ -308,6 +383,7 @@ struct Kernels {
   const char* name;
   QKernel q4, q8;
   RowBf16 bf16;
+  PrepareX prepare;
 };
 
 Kernels pick_kernels() {
@@ -331,48 +407,24 @@ Kernels pick_kernels() {
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (avx512 && allowed("avx512"))
     return {"avx512", {FM_TILES(tile_q4_avx512), XLayout::I16Nibble}, {FM_TILES(tile_q8_avx512), XLayout::I16},
-            row_bf16_avx512};
+            row_bf16_avx512, prepare_avx512};
   if (avx2 && allowed("avx2"))
     return {"avx2", {FM_TILES(tile_q4_avx2), XLayout::I16Nibble}, {FM_TILES(tile_q8_avx2), XLayout::I16},
-            row_bf16_avx2};
+            row_bf16_avx2, prepare_generic};
 #endif
 #if FM_NEON
   if (allowed("neon"))
     return {"neon", {FM_TILES(tile_q4_neon), XLayout::I16Nibble}, {FM_TILES(tile_q8_neon), XLayout::I16},
-            row_bf16_generic};
+            row_bf16_generic, prepare_generic};
 #endif
   (void)allowed;
   return {"generic", {FM_TILES(tile_q4_generic), XLayout::F32Nibble}, {FM_TILES(tile_q8_generic), XLayout::F32},
-          row_bf16_generic};
+          row_bf16_generic, prepare_generic};
 }
 
 const Kernels& kernels() {
   static const Kernels k = pick_kernels();
   return k;
-}
-
-// Column of x that position i of a laid-out group of 64 holds.
-inline int source_column(bool nibble_order, int i) {
-  return nibble_order ? (i < 32 ? 2 * i : 2 * (i - 32) + 1) : i;
-}
-
-// Lays one token's x out for a kernel (see XLayout) at `out` (cols elements), scales at `xs`.
-void prepare_x(XLayout layout, const float* x, int64_t groups, float* out, float* xs) {
-  const bool nibble = layout == XLayout::F32Nibble || layout == XLayout::I16Nibble;
-  if (layout == XLayout::F32 || layout == XLayout::F32Nibble) {
-    for (int64_t g = 0; g < groups; ++g)
-      for (int i = 0; i < 64; ++i) out[g * 64 + i] = x[g * 64 + source_column(nibble, i)];
-    return;
-  }
-  int16_t* xi = reinterpret_cast<int16_t*>(out);
-  for (int64_t g = 0; g < groups; ++g) {
-    const float* xg = x + g * 64;
-    float amax = 0.0f;
-    for (int i = 0; i < 64; ++i) amax = std::max(amax, std::fabs(xg[i]));
-    const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
-    xs[g] = amax / 32767.0f;
-    for (int i = 0; i < 64; ++i) xi[g * 64 + i] = int16_t(std::lrint(xg[source_column(nibble, i)] * inv));
-  }
 }
 
 }  // namespace
@@ -422,16 +474,9 @@ void linear(const Matrix& w, const float* x, int64_t n, float* y, LinearScratch&
   const QKernel& kern = q4 ? k.q4 : k.q8;
   // per token: group sums and the kernel's layout of x (split across the pool for a batch)
   pool.parallel_for(n, std::max<int64_t>(1, 4096 / cols), [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const float* xt = x + t * cols;
-      float* sums = scratch.group_sums + t * groups;
-      for (int64_t g = 0; g < groups; ++g) {
-        float s = 0.0f;
-        for (int i = 0; i < kGroupSize; ++i) s += xt[g * kGroupSize + i];
-        sums[g] = s;
-      }
-      prepare_x(kern.layout, xt, groups, scratch.x_prep + t * cols, scratch.x_scale + t * groups);
-    }
+    for (int64_t t = t0; t < t1; ++t)
+      k.prepare(kern.layout, x + t * cols, groups, scratch.x_prep + t * cols, scratch.x_scale + t * groups,
+                scratch.group_sums + t * groups);
   });
   const int64_t row_stride = q4 ? cols / 2 : cols;
   // int16 layouts hold cols int16 per token in a cols-float slot: the stride in elements is the same
@@ -451,12 +496,9 @@ void linear(const Matrix& w, const float* x, int64_t n, float* y, LinearScratch&
         const void* xt = int16 ? static_cast<const void*>(reinterpret_cast<const int16_t*>(scratch.x_prep) + t0 * x_stride)
                                : static_cast<const void*>(scratch.x_prep + t0 * cols);
         for (int64_t r = rb; r < rb_end; ++r) {
-          const uint16_t* b = w.biases + r * groups;
-          kern.tile[tile](w.data + r * row_stride, w.scales + r * groups, xt, scratch.x_scale + t0 * groups, x_stride,
-                          groups, out);
-          // bias term sum_g bias_g * sum(x_g): a bf16 row against the token's group sums
-          for (int i = 0; i < nt; ++i)
-            y[(t0 + i) * rows + r] = out[i] + k.bf16(b, scratch.group_sums + (t0 + i) * groups, groups);
+          kern.tile[tile](w.data + r * row_stride, w.scales + r * groups, w.biases + r * groups, xt,
+                          scratch.x_scale + t0 * groups, scratch.group_sums + t0 * groups, x_stride, groups, out);
+          for (int i = 0; i < nt; ++i) y[(t0 + i) * rows + r] = out[i];
         }
         t0 += nt;
       }
