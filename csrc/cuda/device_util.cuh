@@ -30,7 +30,7 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
 }
 
 // Programmatic dependent launch (sm_90): a kernel may start while its predecessor runs. Before
-// pdl_wait() it touches only what no kernel of this token writes (weights, L2 prefetches) or
+// pdl_wait() it touches only what no kernel of this token writes (weights) or
 // what the kernel two launches back wrote; it calls pdl_trigger() only after its own wait, so
 // the next kernel starts no earlier than this one's predecessor has finished.
 __device__ __forceinline__ void pdl_wait() {
@@ -69,14 +69,15 @@ __device__ inline float block_sum(float v, float* red) {
   return t;
 }
 // Softmax, top-k (ties to the lower index) and optional renormalisation by one warp; the
-// probabilities live in registers, kTopkPerLane per lane.
+// probabilities live in registers, P per lane (at most kTopkPerLane).
 constexpr int kTopkPerLane = 32;
-__device__ inline void warp_topk(const TopkTail& t) {
+template <int P>
+__device__ inline void warp_topk_p(const TopkTail& t) {
   const int lane = threadIdx.x & 31, E = t.num_experts;
-  float v[kTopkPerLane];
+  float v[P];
   float mx = -INFINITY;
 #pragma unroll
-  for (int i = 0; i < kTopkPerLane; ++i) {
+  for (int i = 0; i < P; ++i) {
     const int e = lane + 32 * i;
     v[i] = e < E ? __ldcg(t.logits + e) : -INFINITY;  // L2: written by other blocks
     mx = fmaxf(mx, v[i]);
@@ -84,13 +85,13 @@ __device__ inline void warp_topk(const TopkTail& t) {
   mx = warp_max(mx);
   float sum = 0.0f;
 #pragma unroll
-  for (int i = 0; i < kTopkPerLane; ++i) {
+  for (int i = 0; i < P; ++i) {
     v[i] = lane + 32 * i < E ? expf(v[i] - mx) : -1.0f;  // -1: never chosen
     sum += fmaxf(v[i], 0.0f);
   }
   sum = warp_sum(sum);
 #pragma unroll
-  for (int i = 0; i < kTopkPerLane; ++i)
+  for (int i = 0; i < P; ++i)
     if (lane + 32 * i < E) v[i] /= sum;
   float my_w = 0.0f, wsum = 0.0f;
   int my_id = 0;
@@ -98,7 +99,7 @@ __device__ inline void warp_topk(const TopkTail& t) {
     float bv = -2.0f;
     int bi = INT_MAX;
 #pragma unroll
-    for (int i = 0; i < kTopkPerLane; ++i)
+    for (int i = 0; i < P; ++i)
       if (v[i] > bv) bv = v[i], bi = lane + 32 * i;  // i ascending: ties keep the lower index
     for (int off = 16; off > 0; off >>= 1) {
       const float ov = __shfl_xor_sync(0xffffffffu, bv, off);
@@ -106,7 +107,7 @@ __device__ inline void warp_topk(const TopkTail& t) {
       if (ov > bv || (ov == bv && oi < bi)) bv = ov, bi = oi;
     }
 #pragma unroll
-    for (int i = 0; i < kTopkPerLane; ++i)
+    for (int i = 0; i < P; ++i)
       if (lane + 32 * i == bi) v[i] = -1.0f;
     if (lane == k) my_id = bi, my_w = bv;
     wsum += bv;
@@ -115,6 +116,13 @@ __device__ inline void warp_topk(const TopkTail& t) {
     t.ids[lane] = my_id;
     t.weights[lane] = t.renormalize ? my_w / wsum : my_w;
   }
+}
+// The shortest scan that holds num_experts: each of the k rounds scans P values per lane.
+__device__ inline void warp_topk(const TopkTail& t) {
+  if (t.num_experts <= 32 * 8)
+    warp_topk_p<8>(t);
+  else
+    warp_topk_p<kTopkPerLane>(t);
 }
 
 constexpr int kAttnWarps = 4;     // warps of an attention block, one position each at a time

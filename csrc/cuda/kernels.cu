@@ -31,75 +31,52 @@ __host__ __device__ inline int lanes_per_row(int cols, int bits) {
 __device__ __forceinline__ int swz(int f) { return f ^ ((f >> 3) & 7); }
 __device__ __forceinline__ int xpos(int i) { return swz(i >> 2) * 4 + (i & 3); }
 
-// dot of one 16-byte chunk of a row with the matching x values (x[0..] as float4s).
+// Word i (of 4) of a 16-byte chunk of a row times its x values (x: 2, 1 or 1 float4s for q4, q8,
+// bf16; bf16 words use half of it): a and b take alternate weights. A chunk's dot is the sum of
+// its 4 words in order, then a + b.
 template <int BITS>
-__device__ __forceinline__ float dot_chunk(const uint4& w, const float4* x);
-
-template <>
-__device__ __forceinline__ float dot_chunk<4>(const uint4& w, const float4* x) {
-  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-  float a = 0.0f, b = 0.0f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint32_t v = words[i];
-    const float4 lo = x[2 * i], hi = x[2 * i + 1];
-    a = fmaf(qf(v & 15u), lo.x, a);
-    b = fmaf(qf((v >> 4) & 15u), lo.y, b);
-    a = fmaf(qf((v >> 8) & 15u), lo.z, a);
-    b = fmaf(qf((v >> 12) & 15u), lo.w, b);
-    a = fmaf(qf((v >> 16) & 15u), hi.x, a);
-    b = fmaf(qf((v >> 20) & 15u), hi.y, b);
-    a = fmaf(qf((v >> 24) & 15u), hi.z, a);
-    b = fmaf(qf(v >> 28), hi.w, b);
+__device__ __forceinline__ void dot_word(uint32_t v, const float4* x, int i, float& a, float& b) {
+  if constexpr (BITS == 4) {
+    a = fmaf(qf(v & 15u), x[0].x, a);
+    b = fmaf(qf((v >> 4) & 15u), x[0].y, b);
+    a = fmaf(qf((v >> 8) & 15u), x[0].z, a);
+    b = fmaf(qf((v >> 12) & 15u), x[0].w, b);
+    a = fmaf(qf((v >> 16) & 15u), x[1].x, a);
+    b = fmaf(qf((v >> 20) & 15u), x[1].y, b);
+    a = fmaf(qf((v >> 24) & 15u), x[1].z, a);
+    b = fmaf(qf(v >> 28), x[1].w, b);
+  } else if constexpr (BITS == 8) {
+    a = fmaf(qf(v & 255u), x[0].x, a);
+    b = fmaf(qf((v >> 8) & 255u), x[0].y, b);
+    a = fmaf(qf((v >> 16) & 255u), x[0].z, a);
+    b = fmaf(qf(v >> 24), x[0].w, b);
+  } else {
+    a = fmaf(__uint_as_float(v << 16), i & 1 ? x[0].z : x[0].x, a);
+    b = fmaf(__uint_as_float(v & 0xFFFF0000u), i & 1 ? x[0].w : x[0].y, b);
   }
-  return a + b;
 }
 
-template <>
-__device__ __forceinline__ float dot_chunk<8>(const uint4& w, const float4* x) {
-  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-  float a = 0.0f, b = 0.0f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint32_t v = words[i];
-    a = fmaf(qf(v & 255u), x[i].x, a);
-    b = fmaf(qf((v >> 8) & 255u), x[i].y, b);
-    a = fmaf(qf((v >> 16) & 255u), x[i].z, a);
-    b = fmaf(qf(v >> 24), x[i].w, b);
-  }
-  return a + b;
-}
+__device__ __forceinline__ uint32_t word(const uint4& w, int i) { return i == 0 ? w.x : i == 1 ? w.y : i == 2 ? w.z : w.w; }
 
-template <>
-__device__ __forceinline__ float dot_chunk<16>(const uint4& w, const float4* x) {
-  float a = 0.0f, b = 0.0f;
-  a = fmaf(__uint_as_float(w.x << 16), x[0].x, a);
-  b = fmaf(__uint_as_float(w.x & 0xFFFF0000u), x[0].y, b);
-  a = fmaf(__uint_as_float(w.y << 16), x[0].z, a);
-  b = fmaf(__uint_as_float(w.y & 0xFFFF0000u), x[0].w, b);
-  a = fmaf(__uint_as_float(w.z << 16), x[1].x, a);
-  b = fmaf(__uint_as_float(w.z & 0xFFFF0000u), x[1].y, b);
-  a = fmaf(__uint_as_float(w.w << 16), x[1].z, a);
-  b = fmaf(__uint_as_float(w.w & 0xFFFF0000u), x[1].w, b);
-  return a + b;
-}
+// Loads (16-byte chunks) of one lane's chunk group; two groups are in flight (the next is issued
+// before the current one is consumed), and the first before the block builds x, so that the DRAM
+// stream overlaps the prologue and the previous kernel's tail.
+constexpr int kLoads = 4;
 
 // One lane's share of N same-shaped matrices' rows row0..row0+nrows-1 (nrows <= RT): its chunks
-// sub, sub+lpr, ... of each row, U = 4/RT chunks at a time so that 4 loads per matrix are in flight
-// per lane whatever the tile height. Quantized rows use the rearranged form
-// sum_g scale_g * dot(q_g, x_g) + bias_g * sum(x_g), with sum(x_g) precomputed in gsum.
+// sub, sub+lpr, ... of each row, U chunks of each row per group (N * RT * U = kLoads). Quantized
+// rows use the rearranged form sum_g scale_g * dot(q_g, x_g) + bias_g * sum(x_g), with sum(x_g)
+// precomputed in gsum. A row's sum runs over its chunks in ascending order whatever RT and U are.
 template <int BITS, int N, int RT>
-__device__ __forceinline__ void tile_dot(const DevMat* m, int row0, int nrows, const float4* xs,
-                                         const float* gsum, int sub, int lpr, float (&acc)[N][RT]) {
-  constexpr int E = 128 / BITS;  // elements per chunk
-  constexpr int X4 = E / 4;
-  constexpr int U = 4 / RT;
-  const int cols = m[0].cols;
-  const int cpr = cols / E;
-  const int groups = cols / 64;
-  for (int c0 = sub; c0 < cpr; c0 += U * lpr) {
-    uint4 w[U][N][RT];
-    uint16_t sc[U][N][RT], bi[U][N][RT];
+struct TileLoads {
+  static constexpr int E = 128 / BITS;  // elements per chunk
+  static constexpr int X4 = E / 4;
+  static constexpr int U = kLoads / (N * RT) > 0 ? kLoads / (N * RT) : 1;
+  uint4 w[U][N][RT];
+  uint16_t sc[U][N][RT], bi[U][N][RT];
+
+  __device__ __forceinline__ void issue(const DevMat* m, int row0, int nrows, int c0, int lpr) {
+    const int cpr = m[0].cols / E, groups = m[0].cols / 64;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = c0 + u * lpr;
@@ -117,108 +94,119 @@ __device__ __forceinline__ void tile_dot(const DevMat* m, int row0, int nrows, c
           }
         }
     }
+  }
+
+  // x is loaded word by word, so that its registers are few while the tile's loads are held.
+  __device__ __forceinline__ void consume(int c0, int lpr, int cpr, const float4* xs, const float* gsum,
+                                          float (&acc)[N][RT]) const {
+    constexpr int XW = X4 >= 4 ? X4 / 4 : 1;  // float4s of x per word
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = c0 + u * lpr;
       if (c >= cpr) break;
-      float4 x[X4];
+      float a[N][RT] = {}, b[N][RT] = {};
 #pragma unroll
-      for (int i = 0; i < X4; ++i) x[i] = xs[swz(c * X4 + i)];
-      if constexpr (BITS == 16) {
+      for (int i = 0; i < 4; ++i) {
+        float4 x[XW];
 #pragma unroll
-        for (int n = 0; n < N; ++n)
-#pragma unroll
-          for (int r = 0; r < RT; ++r) acc[n][r] += dot_chunk<16>(w[u][n][r], x);
-      } else {
-        const float gs = (c * E) % 64 == 0 ? gsum[c * E / 64] : 0.0f;  // the bias term once per group
+        for (int q = 0; q < XW; ++q) x[q] = xs[swz((c * E + i * E / 4) / 4 + q)];
 #pragma unroll
         for (int n = 0; n < N; ++n)
 #pragma unroll
-          for (int r = 0; r < RT; ++r)
-            acc[n][r] += fmaf(bf16f(sc[u][n][r]), dot_chunk<BITS>(w[u][n][r], x), bf16f(bi[u][n][r]) * gs);
+          for (int r = 0; r < RT; ++r) dot_word<BITS>(word(w[u][n][r], i), x, i, a[n][r], b[n][r]);
       }
+      const float gs = BITS != 16 && (c * E) % 64 == 0 ? gsum[c * E / 64] : 0.0f;  // the bias term once per group
+#pragma unroll
+      for (int n = 0; n < N; ++n)
+#pragma unroll
+        for (int r = 0; r < RT; ++r)
+          if constexpr (BITS == 16)
+            acc[n][r] += a[n][r] + b[n][r];
+          else
+            acc[n][r] += fmaf(bf16f(sc[u][n][r]), a[n][r] + b[n][r], bf16f(bi[u][n][r]) * gs);
     }
+  }
+};
+
+// The tiles of one worker (see rows_dot) as a sequence of chunk groups: (tile, chunks from sub),
+// (tile, chunks from sub + U * lpr), ..., then the next tile. Each group's successor is issued
+// before the group is consumed; the first group, before ready() (the block's x prologue, which
+// every thread runs once).
+template <int BITS, int N, int RT, class Ready, class Emit>
+__device__ __forceinline__ void rows_dot_tiles(const DevMat* m, int r0, int r1, int worker, int workers,
+                                               const float* xs, const float* gsum, Ready&& ready, Emit&& emit) {
+  using T = TileLoads<BITS, N, RT>;
+  const int lane = threadIdx.x & 31;
+  const int lpr = lanes_per_row(m[0].cols, BITS);
+  const int cpr = m[0].cols / T::E;
+  const int seg = lane / lpr, sub = lane % lpr;
+  const int per_tile = (32 / lpr) * RT, stride = workers * per_tile;
+  auto rows_at = [&](int b) { return b < r1 ? max(0, min(RT, r1 - (b + seg * RT))) : 0; };
+  const float4* x4 = reinterpret_cast<const float4*>(xs);
+  int base = r0 + worker * per_tile, c0 = sub;
+  T t[2];
+  t[0].issue(m, base + seg * RT, rows_at(base), c0, lpr);
+  ready();
+  float acc[N][RT] = {};
+  auto group = [&](T& cur, T& nxt) {
+    int nb = base, nc = c0 + T::U * lpr;
+    if (nc >= cpr) nc = sub, nb += stride;
+    nxt.issue(m, nb + seg * RT, rows_at(nb), nc, lpr);
+    cur.consume(c0, lpr, cpr, x4, gsum, acc);
+    if (nb != base) {  // the tile is done
+      const int row0 = base + seg * RT, nrows = rows_at(base);
+#pragma unroll
+      for (int n = 0; n < N; ++n)
+#pragma unroll
+        for (int r = 0; r < RT; ++r)
+          for (int off = lpr >> 1; off > 0; off >>= 1) acc[n][r] += __shfl_xor_sync(0xffffffffu, acc[n][r], off);
+      if (sub == 0)
+#pragma unroll
+        for (int r = 0; r < RT; ++r) {
+          if (r >= nrows) break;
+          if constexpr (N == 1)
+            emit(row0 + r, acc[0][r]);
+          else
+            emit(row0 + r, acc[0][r], acc[1][r]);
+        }
+#pragma unroll
+      for (int n = 0; n < N; ++n)
+#pragma unroll
+        for (int r = 0; r < RT; ++r) acc[n][r] = 0.0f;
+    }
+    base = nb, c0 = nc;
+  };
+  while (base < r1) {
+    group(t[0], t[1]);
+    if (base >= r1) break;
+    group(t[1], t[0]);
   }
 }
 
-template <int N, int RT, class Emit>
+template <int N, int RT, class Ready, class Emit>
 __device__ __forceinline__ void rows_dot_rt(const DevMat* m, int r0, int r1, int worker, int workers,
-                                            const float* xs, const float* gsum, Emit&& emit) {
-  const int lane = threadIdx.x & 31;
-  const int lpr = lanes_per_row(m[0].cols, m[0].bits);
-  const int seg = lane / lpr, sub = lane % lpr;
-  const int per_tile = (32 / lpr) * RT;
-  for (int base = r0 + worker * per_tile; base < r1; base += workers * per_tile) {
-    const int row0 = base + seg * RT;
-    const int nrows = max(0, min(RT, r1 - row0));
-    float acc[N][RT] = {};
-    const float4* x4 = reinterpret_cast<const float4*>(xs);
-    if (m[0].bits == 4)
-      tile_dot<4, N, RT>(m, row0, nrows, x4, gsum, sub, lpr, acc);
-    else if (m[0].bits == 8)
-      tile_dot<8, N, RT>(m, row0, nrows, x4, gsum, sub, lpr, acc);
-    else
-      tile_dot<16, N, RT>(m, row0, nrows, x4, gsum, sub, lpr, acc);
-#pragma unroll
-    for (int n = 0; n < N; ++n)
-#pragma unroll
-      for (int r = 0; r < RT; ++r)
-        for (int off = lpr >> 1; off > 0; off >>= 1) acc[n][r] += __shfl_xor_sync(0xffffffffu, acc[n][r], off);
-    if (sub == 0)
-#pragma unroll
-      for (int r = 0; r < RT; ++r) {
-        if (r >= nrows) break;
-        if constexpr (N == 1)
-          emit(row0 + r, acc[0][r]);
-        else
-          emit(row0 + r, acc[0][r], acc[1][r]);
-      }
-  }
+                                            const float* xs, const float* gsum, Ready&& ready, Emit&& emit) {
+  if (m[0].bits == 4)
+    rows_dot_tiles<4, N, RT>(m, r0, r1, worker, workers, xs, gsum, ready, emit);
+  else if (m[0].bits == 8)
+    rows_dot_tiles<8, N, RT>(m, r0, r1, worker, workers, xs, gsum, ready, emit);
+  else
+    rows_dot_tiles<16, N, RT>(m, r0, r1, worker, workers, xs, gsum, ready, emit);
 }
 
 // Rows [r0, r1) of N same-shaped matrices times the block's x, as tiles of rt rows per segment of
 // lpr lanes (a whole warp for rows of 32+ chunks, else several rows side by side). Worker w of
-// `workers` (one warp each) takes tiles w, w+workers, ...; emit(row, dots...) runs on one lane per row.
-template <int N, class Emit>
+// `workers` (one warp each) takes tiles w, w+workers, ...; ready() builds x (all threads call it
+// once, after their first weight loads are issued); emit(row, dots...) runs on one lane per row.
+template <int N, class Ready, class Emit>
 __device__ __forceinline__ void rows_dot(const DevMat* m, int rt, int r0, int r1, int worker, int workers,
-                                         const float* xs, const float* gsum, Emit&& emit) {
+                                         const float* xs, const float* gsum, Ready&& ready, Emit&& emit) {
   if (rt == 4)
-    rows_dot_rt<N, 4>(m, r0, r1, worker, workers, xs, gsum, emit);
+    rows_dot_rt<N, 4>(m, r0, r1, worker, workers, xs, gsum, ready, emit);
   else if (rt == 2)
-    rows_dot_rt<N, 2>(m, r0, r1, worker, workers, xs, gsum, emit);
+    rows_dot_rt<N, 2>(m, r0, r1, worker, workers, xs, gsum, ready, emit);
   else
-    rows_dot_rt<N, 1>(m, r0, r1, worker, workers, xs, gsum, emit);
-}
-
-// Starts streaming a block's rows of m into L2 while the block builds x (one thread issues it).
-__device__ __forceinline__ void prefetch_l2(const void* p, uint64_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  uint64_t a = reinterpret_cast<uint64_t>(p) & ~uint64_t(15);
-  const uint64_t end = (reinterpret_cast<uint64_t>(p) + bytes + 15) & ~uint64_t(15);
-  while (a < end) {
-    const uint64_t left = end - a;
-    const uint32_t n = uint32_t(left < 65536 ? left : 65536);
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a), "r"(n) : "memory");
-    a += n;
-  }
-#else
-  // sm_80/89: no bulk prefetch; the tile loads alone fetch the rows
-  (void)p, (void)bytes;
-#endif
-}
-
-// At most the first 32 KiB of a block's rows: about what its first tiles read; prefetching all of a
-// big matrix's rows at once would overflow L2 before they are used.
-__device__ __forceinline__ void prefetch_rows(const DevMat& m, int r0, int r1) {
-  if (threadIdx.x != 0 || r0 >= r1) return;
-  const uint64_t row_bytes = uint64_t(m.cols) * m.bits / 8;
-  const uint64_t n = min(uint64_t(r1 - r0), max(uint64_t(1), uint64_t(32768) / row_bytes));
-  prefetch_l2(m.data + r0 * row_bytes, n * row_bytes);
-  if (m.bits != 16) {
-    const uint64_t g = uint64_t(m.cols) / 64;
-    prefetch_l2(m.scales + r0 * g, n * g * 2);
-    prefetch_l2(m.biases + r0 * g, n * g * 2);
-  }
+    rows_dot_rt<N, 1>(m, r0, r1, worker, workers, xs, gsum, ready, emit);
 }
 
 // Shared memory of one input vector: x (swizzled, padded to 32), group sums, reduction space.
@@ -269,27 +257,53 @@ __device__ void load_x(const PrologueArgs& p, int cols, float* xs, float* gsum, 
   __syncthreads();
 }
 
-// How a launch covers a matrix: rt rows per warp tile (4 reuse each x chunk 4 times; matrices
-// with few rows take 2 or 1 so that more warps stream them) and rows per block.
+// Blocks of the matvec-style kernels resident per SM (their launch bounds, 128 registers); a
+// launch takes at most this many per SM, so that its blocks run in one wave. (One per SM, which
+// leaves room for the next launch to start beside it, measured slower: 8 warps per SM hide too
+// little latency.)
+constexpr int kBlocksPerSm = 2;
+
+// How a launch covers a matrix: rt rows per warp tile and rows per block.
 struct Tiling {
   int rt = 1, rows_per_block = 0;
 };
 
-Tiling tiling(const DevMat& m, int sms) {
+// m.rows: the rows of the whole launch; n: matrices per tile (gate/up: 2). The tallest tile of at
+// most kLoads rows (times n) that still gives every warp of one block per SM a tile.
+Tiling tiling(const DevMat& m, int n, int sms) {
   const int segs = 32 / lanes_per_row(m.cols, m.bits);
-  const int64_t want_warps = int64_t(sms) * 8;
   Tiling t;
   for (int rt : {4, 2})
-    if (m.rows / (rt * segs) >= want_warps) {
+    if (n * rt <= kLoads && m.rows / (rt * segs) >= int64_t(sms) * kWarps) {
       t.rt = rt;
       break;
     }
-  // a big matrix gives each block several tiles per warp (about two blocks per SM), so that the x
-  // prologue is paid fewer times
-  const int per_iter = kWarps * segs * t.rt;
-  const int64_t iters = std::max<int64_t>(1, m.rows / (int64_t(per_iter) * sms * 2));
-  t.rows_per_block = int(per_iter * iters);
+  t.rows_per_block = kWarps * segs * t.rt;
   return t;
+}
+
+// Tiles and first blocks of a launch of njobs matrices (shapes m, each its own rows). Each job's
+// blocks take the same number of tiles per warp: the fewest that keep the launch within
+// kBlocksPerSm blocks per SM. Returns the launch's blocks.
+int plan_launch(const DevMat* m, int njobs, int n, int sms, Tiling* tiles, int* first_block) {
+  int64_t rows = 0, blocks1 = 0;
+  for (int j = 0; j < njobs; ++j) rows += m[j].rows;
+  for (int j = 0; j < njobs; ++j) {
+    DevMat shape = m[j];
+    shape.rows = int(rows);  // tiled for all the launch's rows together
+    tiles[j] = tiling(shape, n, sms);
+    blocks1 += (m[j].rows + tiles[j].rows_per_block - 1) / tiles[j].rows_per_block;
+  }
+  const int64_t slots = int64_t(sms) * kBlocksPerSm;
+  const int iters = int((blocks1 + slots - 1) / slots);
+  int blocks = 0;
+  for (int j = 0; j < njobs; ++j) {
+    tiles[j].rows_per_block *= iters;
+    first_block[j] = blocks;
+    blocks += (m[j].rows + tiles[j].rows_per_block - 1) / tiles[j].rows_per_block;
+  }
+  first_block[njobs] = blocks;
+  return blocks;
 }
 
 struct MatvecParams {
@@ -301,27 +315,30 @@ struct MatvecParams {
   TopkTail tail;
 };
 
-__global__ void __launch_bounds__(kThreads) matvec_kernel(const __grid_constant__ MatvecParams p) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) matvec_kernel(const __grid_constant__ MatvecParams p) {
   extern __shared__ float4 smem4[];
   int j = 0;
   while (j + 1 < p.njobs && int(blockIdx.x) >= p.first_block[j + 1]) ++j;
   const MatvecJob& job = p.jobs[j];
   const int r0 = (int(blockIdx.x) - p.first_block[j]) * p.tiles[j].rows_per_block;
   const int r1 = min(job.m.rows, r0 + p.tiles[j].rows_per_block);
-  prefetch_rows(job.m, r0, r1);
-  pdl_sync();
   float* xs = reinterpret_cast<float*>(smem4);
   float* gsum = xs + padded_cols(p.cols);
   float* red = gsum + p.cols / 64 + 4;
-  load_x(p.pro, p.cols, xs, gsum, red);
   float* out = job.out;
   const bool acc = job.accumulate;
-  rows_dot<1>(&job.m, p.tiles[j].rt, r0, r1, threadIdx.x >> 5, kWarps, xs, gsum, [&](int r, float v) {
-    if (acc)
-      out[r] += v;
-    else
-      out[r] = v;
-  });
+  rows_dot<1>(
+      &job.m, p.tiles[j].rt, r0, r1, threadIdx.x >> 5, kWarps, xs, gsum,
+      [&] {
+        pdl_sync();
+        load_x(p.pro, p.cols, xs, gsum, red);
+      },
+      [&](int r, float v) {
+        if (acc)
+          out[r] += v;
+        else
+          out[r] = v;
+      });
   if (p.tail.counter) {
     // the last block to finish sees every logit (each block's writes are fenced before it counts)
     __shared__ int last;
@@ -489,14 +506,14 @@ __global__ void attn_combine_kernel(AttnArgs a) {
 // o = S^T q. Warp w holds state rows w, w+8, ... in registers between the two passes.
 __global__ void __launch_bounds__(256) deltanet_kernel(DeltaArgs a) {
   extern __shared__ float sh[];
-  pdl_sync();
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int j = blockIdx.x, cb = blockIdx.y * 32;
   const int dk = a.dk, dv = a.dv, K = a.kernel;
   const int kd = a.nk * dk, ch = 2 * kd + a.nv * dv, ratio = a.nv / a.nk, kh = j / ratio;
   const int64_t pos = a.step->pos;
   const int cur = int(pos % K);
-  // the state columns first: their loads fly while the conv and norms are computed
+  // the state columns first (this kernel wrote them a token ago, so before the wait): their loads
+  // fly while in_proj finishes and the conv and norms are computed
   constexpr int kRows = kMaxDeltaKeyDim / 8;
   const int b = cb + lane;
   const bool col_ok = b < dv;
@@ -507,6 +524,7 @@ __global__ void __launch_bounds__(256) deltanet_kernel(DeltaArgs a) {
     const int r = warp + 8 * i;
     s[i] = r < dk && col_ok ? S[int64_t(r) * dv + b] : 0.0f;
   }
+  pdl_sync();
   float* qk = sh;           // [2*dk]: q then k of key head kh
   float* vs = qk + 2 * dk;  // [32]
   float* red = vs + 32;     // [8*32]
@@ -608,47 +626,44 @@ __device__ int entry_of_block(const ExpertParams& p) {
   return j;
 }
 
-// act[1 + k] = silu(gate h) * (up h) for the block's entry and rows.
-__global__ void __launch_bounds__(kThreads) expert_gate_up_kernel(const __grid_constant__ ExpertParams p) {
+// act[1 + k] = silu(gate h) * (up h) for the block's entry and rows. The shared expert's weight
+// loads start before the router has finished; a routed expert's, once its id is known.
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) expert_gate_up_kernel(const __grid_constant__ ExpertParams p) {
   extern __shared__ float4 smem4[];
   const ExpertArgs& a = p.a;
   const int j = entry_of_block(p), k = p.b.k[j];
-  if (k < 0) {  // static weights: start fetching them while the router finishes
-    const int r0 = (int(blockIdx.x) - p.first_block[j]) * p.tiles[j].rows_per_block;
-    const int r1 = min(a.shared_gate.rows, r0 + p.tiles[j].rows_per_block);
-    prefetch_rows(a.shared_gate, r0, r1);
-    prefetch_rows(a.shared_up, r0, r1);
-  }
-  pdl_sync();  // the routed experts' ids are the router's output
+  const bool routed = k >= 0;
+  if (routed) pdl_sync();  // the routed experts' ids are the router's output
   DevMat m[2];
-  if (k < 0) {
-    m[0] = a.shared_gate;
-    m[1] = a.shared_up;
-  } else {
+  if (routed) {
     const uint8_t* base = expert_block(a, k, p.b.slot[j]);
     m[0] = part_at(base, a.gate);
     m[1] = part_at(base, a.up);
+  } else {
+    m[0] = a.shared_gate;
+    m[1] = a.shared_up;
   }
   const Tiling t = p.tiles[j];
   const int r0 = (int(blockIdx.x) - p.first_block[j]) * t.rows_per_block;
   const int r1 = min(m[0].rows, r0 + t.rows_per_block);
-  if (k >= 0) {
-    prefetch_rows(m[0], r0, r1);
-    prefetch_rows(m[1], r0, r1);
-  }
   float* xs = reinterpret_cast<float*>(smem4);
   float* gsum = xs + padded_cols(a.hidden);
   float* red = gsum + a.hidden / 64 + 4;
   PrologueArgs copy;
   copy.src = a.h;
-  load_x(copy, a.hidden, xs, gsum, red);
   float* act = a.act + int64_t(k + 1) * a.act_stride;
-  rows_dot<2>(m, t.rt, r0, r1, threadIdx.x >> 5, kWarps, xs, gsum,
-              [&](int r, float g, float u) { act[r] = silu(g) * u; });
+  rows_dot<2>(
+      m, t.rt, r0, r1, threadIdx.x >> 5, kWarps, xs, gsum,
+      [&] {
+        if (!routed) pdl_sync();
+        load_x(copy, a.hidden, xs, gsum, red);
+      },
+      [&](int r, float g, float u) { act[r] = silu(g) * u; });
 }
 
-// y[1 + k] = down act[1 + k] for the block's entry and rows.
-__global__ void __launch_bounds__(kThreads) expert_down_kernel(const __grid_constant__ ExpertParams p) {
+// y[1 + k] = down act[1 + k] for the block's entry and rows. The ids were written two launches
+// back (the router), so the weight loads start before gate/up has finished.
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) expert_down_kernel(const __grid_constant__ ExpertParams p) {
   extern __shared__ float4 smem4[];
   const ExpertArgs& a = p.a;
   const int j = entry_of_block(p), k = p.b.k[j];
@@ -656,16 +671,19 @@ __global__ void __launch_bounds__(kThreads) expert_down_kernel(const __grid_cons
   const Tiling t = p.tiles[j];
   const int r0 = (int(blockIdx.x) - p.first_block[j]) * t.rows_per_block;
   const int r1 = min(m.rows, r0 + t.rows_per_block);
-  prefetch_rows(m, r0, r1);
-  pdl_sync();  // act is gate/up's output
   float* xs = reinterpret_cast<float*>(smem4);
   float* gsum = xs + padded_cols(m.cols);
   float* red = gsum + m.cols / 64 + 4;
   PrologueArgs copy;
   copy.src = a.act + int64_t(k + 1) * a.act_stride;
-  load_x(copy, m.cols, xs, gsum, red);
   float* y = a.y + int64_t(k + 1) * a.hidden;
-  rows_dot<1>(&m, t.rt, r0, r1, threadIdx.x >> 5, kWarps, xs, gsum, [&](int r, float v) { y[r] = v; });
+  rows_dot<1>(
+      &m, t.rt, r0, r1, threadIdx.x >> 5, kWarps, xs, gsum,
+      [&] {
+        pdl_sync();  // act is gate/up's output
+        load_x(copy, m.cols, xs, gsum, red);
+      },
+      [&](int r, float v) { y[r] = v; });
 }
 
 __global__ void expert_combine_kernel(ExpertArgs a, int K) {
@@ -712,19 +730,13 @@ void matvec(cudaStream_t s, const PrologueArgs& pro, int cols, const MatvecJob* 
   p.pro = pro;
   p.cols = cols;
   p.njobs = njobs;
-  int64_t rows = 0;
-  for (int j = 0; j < njobs; ++j) rows += jobs[j].m.rows;
-  int blocks = 0;
+  DevMat shapes[kMaxJobs];
   for (int j = 0; j < njobs; ++j) {
     check_matrix(jobs[j].m, cols);
     p.jobs[j] = jobs[j];
-    DevMat shape = jobs[j].m;
-    shape.rows = int(rows);  // tiled for all the launch's rows together
-    p.tiles[j] = tiling(shape, sms);
-    p.first_block[j] = blocks;
-    blocks += (jobs[j].m.rows + p.tiles[j].rows_per_block - 1) / p.tiles[j].rows_per_block;
+    shapes[j] = jobs[j].m;
   }
-  p.first_block[njobs] = blocks;
+  const int blocks = plan_launch(shapes, njobs, 1, sms, p.tiles, p.first_block);
   if (tail) {
     if (tail->k < 1 || tail->k >= kMaxExperts || tail->num_experts > 32 * kTopkPerLane || tail->k > tail->num_experts)
       throw std::invalid_argument("CUDA router: 1..32 experts per token out of at most 1024");
@@ -757,27 +769,16 @@ void experts(cudaStream_t s, const ExpertArgs& a, const ExpertBatch& batch, int 
   p.a = a;
   p.b = batch;
   const DevMat routed_up = part_shape(a.up), routed_down = part_shape(a.down);
-  // each kernel is tiled for all its entries' rows together
-  auto plan = [&](const DevMat& shared, const DevMat& routed) {
-    int64_t rows = 0;
-    for (int j = 0; j < batch.n; ++j) rows += batch.k[j] < 0 ? shared.rows : routed.rows;
-    int blocks = 0;
-    for (int j = 0; j < batch.n; ++j) {
-      DevMat m = batch.k[j] < 0 ? shared : routed;
-      const int own_rows = m.rows;
-      m.rows = int(rows);
-      p.tiles[j] = tiling(m, sms);
-      p.first_block[j] = blocks;
-      blocks += (own_rows + p.tiles[j].rows_per_block - 1) / p.tiles[j].rows_per_block;
-    }
-    p.first_block[batch.n] = blocks;
-    return blocks;
+  auto plan = [&](const DevMat& shared, const DevMat& routed, int n) {
+    DevMat shapes[kMaxExperts];
+    for (int j = 0; j < batch.n; ++j) shapes[j] = batch.k[j] < 0 ? shared : routed;
+    return plan_launch(shapes, batch.n, n, sms, p.tiles, p.first_block);
   };
   // gate/up: rows of the intermediate size; input h
-  int blocks = plan(a.shared_up, routed_up);
+  int blocks = plan(a.shared_up, routed_up, 2);
   launch(expert_gate_up_kernel, blocks, kThreads, matvec_smem_bytes(a.hidden), s, p);
   // down: rows of hidden; input act
-  blocks = plan(a.shared_down, routed_down);
+  blocks = plan(a.shared_down, routed_down, 1);
   const int widest = std::max(a.shared_down.cols, routed_down.cols);
   launch(expert_down_kernel, blocks, kThreads, matvec_smem_bytes(widest), s, p);
 }

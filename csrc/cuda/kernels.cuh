@@ -80,7 +80,7 @@ struct TopkTail {
 };
 
 // Launch kernels with programmatic dependent launch (sm_90 and newer), so that each kernel's
-// launch and weight prefetch overlap its predecessor. The engine turns it on per device.
+// launch and first weight loads overlap its predecessor. The engine turns it on per device.
 void set_programmatic_launch(bool on);
 
 // out_j = W_j x for up to kMaxJobs matrices of `cols` columns sharing the prologue's x.
