@@ -125,6 +125,59 @@ __device__ inline void warp_topk(const TopkTail& t) {
     warp_topk_p<kTopkPerLane>(t);
 }
 
+// One token's MoE output at column c: sigmoid(shared_logit) * y_shared[c] + sum_j weights[j] *
+// y_routed[j * hidden + c], in that order (the same bits whichever launches computed the y).
+__device__ __forceinline__ float moe_output(float shared_logit, const float* y_shared, const float* weights,
+                                            const float* y_routed, int k, int hidden, int c) {
+  float out = sigmoid(shared_logit) * y_shared[c];
+  for (int j = 0; j < k; ++j) out += weights[j] * y_routed[int64_t(j) * hidden + c];
+  return out;
+}
+
+// DeltaNet state slices: a block of kDeltaWarps warps holds 32 value columns of a value head's
+// state, warp w rows w, w + kDeltaWarps, ... of column `lane`, kDeltaRows per thread.
+constexpr int kDeltaWarps = 8;
+constexpr int kDeltaRows = kMaxDeltaKeyDim / kDeltaWarps;
+
+// One token of the gated delta rule on such a slice: S = decay S; S += k (beta (v - S^T k))^T;
+// returns o = S^T q for the thread's column on warp 0. k, q: the token's normalised key and query
+// (q prescaled by dk^-1/2); v: the column's value. red: 2 x kDeltaWarps x 32 floats of shared
+// memory, double-buffered so that back-to-back tokens need only the two barriers inside.
+__device__ __forceinline__ float delta_rule_step(float (&s)[kDeltaRows], const float* k, const float* q, float v,
+                                                 float decay, float beta, int dk, bool col_ok, float* red) {
+  const int warp = int(threadIdx.x) >> 5, lane = int(threadIdx.x) & 31;
+  float part = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kDeltaRows; ++i) {
+    const int r = warp + kDeltaWarps * i;
+    if (r < dk) {
+      s[i] *= decay;
+      part += s[i] * k[r];
+    }
+  }
+  red[warp * 32 + lane] = part;
+  __syncthreads();
+  float ks = 0.0f;
+  for (int w = 0; w < kDeltaWarps; ++w) ks += red[w * 32 + lane];
+  const float delta = col_ok ? beta * (v - ks) : 0.0f;
+  float po = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kDeltaRows; ++i) {
+    const int r = warp + kDeltaWarps * i;
+    if (r < dk) {
+      s[i] = fmaf(k[r], delta, s[i]);
+      po += s[i] * q[r];
+    }
+  }
+  float* red_o = red + kDeltaWarps * 32;
+  red_o[warp * 32 + lane] = po;
+  __syncthreads();
+  float o = 0.0f;
+  if (warp == 0)
+    for (int w = 0; w < kDeltaWarps; ++w) o += red_o[w * 32 + lane];
+  return o;
+}
+
 constexpr int kAttnWarps = 4;     // warps of an attention block, one position each at a time
 constexpr int kMaxHeadDim = 512;
 
@@ -191,6 +244,30 @@ __device__ inline AttnPartial warp_attend(const float* q_ptr, const float* kv, i
   for (int e = 0; e < kE; ++e)
     if (e < E) acc_out[lane + 32 * e] = acc[e];
   return {m, l};
+}
+
+// A block of kAttnWarps warps attends q over KV positions [first, end) (warp w takes first + w,
+// first + w + kAttnWarps, ...) and merges the warps: returns the max and softmax sum and leaves the
+// unnormalised output in sacc[0][0..hd). sm, sl: kAttnWarps floats of shared memory.
+__device__ inline AttnPartial block_attend(const float* q, const float* kv, int kv_dim, int kvh, int hd,
+                                           int64_t first, int64_t end, float (*sacc)[kMaxHeadDim], float* sm,
+                                           float* sl) {
+  const int warp = int(threadIdx.x) >> 5;
+  const AttnPartial p = warp_attend(q, kv, kv_dim, kvh, hd, first + warp, end, kAttnWarps, sacc[warp]);
+  if ((threadIdx.x & 31) == 0) sm[warp] = p.m, sl[warp] = p.l;
+  __syncthreads();
+  float M = -INFINITY, L = 0.0f;
+  for (int w = 0; w < kAttnWarps; ++w) M = fmaxf(M, sm[w]);
+  for (int w = 0; w < kAttnWarps; ++w)
+    if (sm[w] > -INFINITY) L += sl[w] * expf(sm[w] - M);
+  for (int i = int(threadIdx.x); i < hd; i += int(blockDim.x)) {
+    float o = 0.0f;
+    for (int w = 0; w < kAttnWarps; ++w)
+      if (sm[w] > -INFINITY) o += sacc[w][i] * expf(sm[w] - M);
+    sacc[0][i] = o;  // each thread reads and writes its own columns
+  }
+  __syncthreads();
+  return {M, L};
 }
 
 template <class... Params, class... Args>

@@ -367,22 +367,8 @@ void check_matrix(const DevMat& m, int cols) {
 __global__ void embed_kernel(DevMat t, const StepParams* step, float* x) {
   pdl_sync();
   const int64_t row = step->token;
-  const int cols = t.cols;
-  for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
-    float v;
-    if (t.bits == 16) {
-      v = bf16f(reinterpret_cast<const uint16_t*>(t.data)[row * cols + c]);
-    } else {
-      const int64_t g = row * (cols / 64) + c / 64;
-      uint32_t q;
-      if (t.bits == 8)
-        q = t.data[row * cols + c];
-      else
-        q = (t.data[(row * cols + c) / 2] >> (4 * (c & 1))) & 15u;
-      v = float(q) * bf16f(t.scales[g]) + bf16f(t.biases[g]);
-    }
-    x[c] = v;
-  }
+  for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < t.cols; c += gridDim.x * blockDim.x)
+    x[c] = embed_value(t, row, c);
 }
 
 // One block per head: blocks [0, nh) the queries, [nh, nh+nkv) the keys (and their values).
@@ -395,19 +381,7 @@ __global__ void qk_prep_kernel(AttnArgs a) {
   const bool is_q = head < a.nh;
   const int kvh = head - a.nh;
   const float* src = is_q ? a.qg + int64_t(head) * 2 * hd : a.kraw + int64_t(kvh) * hd;
-  const float* w = is_q ? a.q_norm : a.k_norm;
-  const float v = src[t];
-  const float inv = 1.0f / sqrtf(block_sum(v * v, red) / float(hd) + a.eps);
-  buf[t] = v * inv * (1.0f + w[t]);
-  __syncthreads();
-  const int half = a.rotary_dim / 2;
-  float out = buf[t];
-  if (t < a.rotary_dim) {
-    const int i = t < half ? t : t - half;
-    const float angle = float(pos) * a.inv_freq[i];
-    const float c = cosf(angle), s = sinf(angle);
-    out = t < half ? buf[t] * c - buf[t + half] * s : buf[t] * c + buf[t - half] * s;
-  }
+  const float out = norm_rope(src, is_q ? a.q_norm : a.k_norm, a.inv_freq, pos, hd, a.rotary_dim, a.eps, buf, red);
   if (is_q) {
     a.q[int64_t(head) * hd + t] = out;
   } else {
@@ -422,61 +396,17 @@ __global__ void qk_prep_kernel(AttnArgs a) {
 // time; writes (max, sum, unnormalised output) for the combine.
 __global__ void __launch_bounds__(kAttnWarps * 32) attn_partial_kernel(AttnArgs a) {
   pdl_sync();
-  constexpr int kE = kMaxHeadDim / 32;
   __shared__ float sm[kAttnWarps], sl[kAttnWarps];
   __shared__ float sacc[kAttnWarps][kMaxHeadDim];
-  const int h = blockIdx.x, s = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int hd = a.hd, E = hd / 32;
+  const int h = blockIdx.x, s = blockIdx.y, hd = a.hd;
   const int64_t len = a.step->pos + 1;
   const int64_t chunk = (len + kAttnSplits - 1) / kAttnSplits;
   const int64_t t0 = s * chunk, t1 = min(len, t0 + chunk);
-  const int kv_dim = a.nkv * hd;
-  const int kvh = h / (a.nh / a.nkv);
-  const float scale = 1.0f / sqrtf(float(hd));
-  float q[kE], acc[kE];
-#pragma unroll
-  for (int e = 0; e < kE; ++e) {
-    q[e] = e < E ? a.q[int64_t(h) * hd + lane + 32 * e] : 0.0f;
-    acc[e] = 0.0f;
-  }
-  float m = -INFINITY, l = 0.0f;
-  for (int64_t t = t0 + warp; t < t1; t += kAttnWarps) {
-    const float* k = a.kv + t * 2 * kv_dim + int64_t(kvh) * hd;
-    const float* v = k + kv_dim;
-    float d = 0.0f;
-#pragma unroll
-    for (int e = 0; e < kE; ++e)
-      if (e < E) d += q[e] * k[lane + 32 * e];
-    d = warp_sum(d) * scale;
-    const float mn = fmaxf(m, d);
-    const float c = expf(m - mn), p = expf(d - mn);
-    l = l * c + p;
-#pragma unroll
-    for (int e = 0; e < kE; ++e)
-      if (e < E) acc[e] = acc[e] * c + p * v[lane + 32 * e];
-    m = mn;
-  }
-  if (lane == 0) sm[warp] = m, sl[warp] = l;
-#pragma unroll
-  for (int e = 0; e < kE; ++e)
-    if (e < E) sacc[warp][lane + 32 * e] = acc[e];
-  __syncthreads();
-  float M = -INFINITY;
-  for (int w = 0; w < kAttnWarps; ++w) M = fmaxf(M, sm[w]);
+  const AttnPartial p =
+      block_attend(a.q + int64_t(h) * hd, a.kv, a.nkv * hd, h / (a.nh / a.nkv), hd, t0, t1, sacc, sm, sl);
   float* out = a.partial + (int64_t(h) * kAttnSplits + s) * (hd + 2);
-  for (int i = threadIdx.x; i < hd; i += blockDim.x) {
-    float o = 0.0f;
-    for (int w = 0; w < kAttnWarps; ++w)
-      if (sm[w] > -INFINITY) o += sacc[w][i] * expf(sm[w] - M);
-    out[2 + i] = o;
-  }
-  if (threadIdx.x == 0) {
-    float L = 0.0f;
-    for (int w = 0; w < kAttnWarps; ++w)
-      if (sm[w] > -INFINITY) L += sl[w] * expf(sm[w] - M);
-    out[0] = M;
-    out[1] = L;
-  }
+  for (int i = threadIdx.x; i < hd; i += blockDim.x) out[2 + i] = sacc[0][i];
+  if (threadIdx.x == 0) out[0] = p.m, out[1] = p.l;
 }
 
 // Block per head: merges the splits, divides by the softmax sum, applies the output gate.
@@ -504,7 +434,7 @@ __global__ void attn_combine_kernel(AttnArgs a) {
 // Block (value head j, 32 value columns): conv + SiLU of the q/k of its key head and of its v
 // columns, L2 norms, gates, then the state columns: S = e^g S; S += k (beta (v - S^T k))^T;
 // o = S^T q. Warp w holds state rows w, w+8, ... in registers between the two passes.
-__global__ void __launch_bounds__(256) deltanet_kernel(DeltaArgs a) {
+__global__ void __launch_bounds__(kDeltaWarps * 32) deltanet_kernel(DeltaArgs a) {
   extern __shared__ float sh[];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int j = blockIdx.x, cb = blockIdx.y * 32;
@@ -514,20 +444,19 @@ __global__ void __launch_bounds__(256) deltanet_kernel(DeltaArgs a) {
   const int cur = int(pos % K);
   // the state columns first (this kernel wrote them a token ago, so before the wait): their loads
   // fly while in_proj finishes and the conv and norms are computed
-  constexpr int kRows = kMaxDeltaKeyDim / 8;
   const int b = cb + lane;
   const bool col_ok = b < dv;
   float* S = a.state + int64_t(j) * dk * dv;
-  float s[kRows];
+  float s[kDeltaRows];
 #pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-    const int r = warp + 8 * i;
+  for (int i = 0; i < kDeltaRows; ++i) {
+    const int r = warp + kDeltaWarps * i;
     s[i] = r < dk && col_ok ? S[int64_t(r) * dv + b] : 0.0f;
   }
   pdl_sync();
   float* qk = sh;           // [2*dk]: q then k of key head kh
   float* vs = qk + 2 * dk;  // [32]
-  float* red = vs + 32;     // [8*32]
+  float* red = vs + 32;     // [2 * kDeltaWarps * 32]
   auto conv = [&](int chan) {
     float acc = a.conv_w[int64_t(chan) * K + K - 1] * a.mixed[chan];
     for (int t = 0; t < K - 1; ++t) {
@@ -561,38 +490,13 @@ __global__ void __launch_bounds__(256) deltanet_kernel(DeltaArgs a) {
   const float decay = expf(-expf(a.a_log[j]) * softplus(a.a[j] + a.dt_bias[j]));
   __syncthreads();
 
-  float part = 0.0f;
+  const float o = delta_rule_step(s, qk + dk, qk, col_ok ? vs[lane] : 0.0f, decay, beta, dk, col_ok, red);
 #pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-    const int r = warp + 8 * i;
-    if (r < dk && col_ok) {
-      s[i] *= decay;
-      part += s[i] * qk[dk + r];
-    }
+  for (int i = 0; i < kDeltaRows; ++i) {
+    const int r = warp + kDeltaWarps * i;
+    if (r < dk && col_ok) S[int64_t(r) * dv + b] = s[i];
   }
-  red[warp * 32 + lane] = part;
-  __syncthreads();
-  float ks = 0.0f;
-  for (int w = 0; w < 8; ++w) ks += red[w * 32 + lane];
-  const float delta = col_ok ? beta * (vs[lane] - ks) : 0.0f;
-  __syncthreads();
-  float po = 0.0f;
-#pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-    const int r = warp + 8 * i;
-    if (r < dk && col_ok) {
-      const float v = fmaf(qk[dk + r], delta, s[i]);
-      S[int64_t(r) * dv + b] = v;
-      po += v * qk[r];
-    }
-  }
-  red[warp * 32 + lane] = po;
-  __syncthreads();
-  if (warp == 0 && col_ok) {
-    float o = 0.0f;
-    for (int w = 0; w < 8; ++w) o += red[w * 32 + lane];
-    a.o[int64_t(j) * dv + b] = o;
-  }
+  if (warp == 0 && col_ok) a.o[int64_t(j) * dv + b] = o;
 }
 
 struct ExpertParams {
@@ -689,10 +593,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) expert_down_kernel(con
 __global__ void expert_combine_kernel(ExpertArgs a, int K) {
   pdl_sync();
   const int r = blockIdx.x * blockDim.x + threadIdx.x;
-  if (r >= a.hidden) return;
-  float out = sigmoid(a.shared_logit[0]) * a.y[r];
-  for (int k = 0; k < K; ++k) out += a.weights[k] * a.y[int64_t(k + 1) * a.hidden + r];
-  a.x[r] += out;
+  if (r < a.hidden) a.x[r] += moe_output(a.shared_logit[0], a.y, a.weights, a.y + a.hidden, K, a.hidden, r);
 }
 
 DevMat part_shape(const PartDesc& d) {
@@ -759,8 +660,8 @@ void attention(cudaStream_t s, const AttnArgs& a) {
 
 void deltanet(cudaStream_t s, const DeltaArgs& a) {
   if (a.dk > kMaxDeltaKeyDim) throw std::invalid_argument("CUDA DeltaNet supports key head dims up to 128");
-  const size_t smem = (2 * size_t(a.dk) + 32 + 8 * 32) * sizeof(float);
-  launch(deltanet_kernel, dim3(a.nv, (a.dv + 31) / 32), 256, smem, s, a);
+  const size_t smem = (2 * size_t(a.dk) + 32 + 2 * kDeltaWarps * 32) * sizeof(float);
+  launch(deltanet_kernel, dim3(a.nv, (a.dv + 31) / 32), kDeltaWarps * 32, smem, s, a);
 }
 
 void experts(cudaStream_t s, const ExpertArgs& a, const ExpertBatch& batch, int sms) {

@@ -13,7 +13,6 @@ constexpr int kTileCols = 64;     // weight rows (output columns) per tile
 constexpr int kTileK = 32;        // reduction depth per shared-memory stage
 constexpr int kGemmThreads = 256;  // 16 x 16 threads, each 4 x 4 outputs
 constexpr int kMaxConvKernel = 8;
-constexpr int kScanWarps = 8;     // DeltaNet scan: warp w holds key rows w, w+8, ...
 
 struct TileRows {
   const uint8_t* base;
@@ -187,25 +186,12 @@ __global__ void __launch_bounds__(kAttnWarps * 32) chunk_attend_kernel(ChunkAttn
   __shared__ float sm[kAttnWarps], sl[kAttnWarps];
   __shared__ float sacc[kAttnWarps][kMaxHeadDim];
   pdl_wait();
-  const int h = int(blockIdx.x), t = int(blockIdx.y), warp = int(threadIdx.x) >> 5, hd = a.hd;
+  const int h = int(blockIdx.x), t = int(blockIdx.y), hd = a.hd;
   const float* q = a.q + size_t(t) * a.nh * hd + size_t(h) * hd;
-  const AttnPartial p = warp_attend(q, a.kv, a.nkv * hd, h / (a.nh / a.nkv), hd, warp, a.pos0 + t + 1, kAttnWarps,
-                                    sacc[warp]);
-  if ((threadIdx.x & 31) == 0) sm[warp] = p.m, sl[warp] = p.l;
-  __syncthreads();
-  float M = -INFINITY;
-  for (int w = 0; w < kAttnWarps; ++w) M = fmaxf(M, sm[w]);
-  float L = 0.0f;
-  for (int w = 0; w < kAttnWarps; ++w)
-    if (sm[w] > -INFINITY) L += sl[w] * expf(sm[w] - M);
+  const AttnPartial p = block_attend(q, a.kv, a.nkv * hd, h / (a.nh / a.nkv), hd, 0, a.pos0 + t + 1, sacc, sm, sl);
   const float* gate = a.qg + size_t(t) * a.nh * 2 * hd + size_t(h) * 2 * hd + hd;
   float* out = a.out + size_t(t) * a.nh * hd + size_t(h) * hd;
-  for (int i = int(threadIdx.x); i < hd; i += int(blockDim.x)) {
-    float o = 0.0f;
-    for (int w = 0; w < kAttnWarps; ++w)
-      if (sm[w] > -INFINITY) o += sacc[w][i] * expf(sm[w] - M);
-    out[i] = o / L * sigmoid(gate[i]);
-  }
+  for (int i = int(threadIdx.x); i < hd; i += int(blockDim.x)) out[i] = sacc[0][i] / p.l * sigmoid(gate[i]);
 }
 
 // Thread per channel: the causal conv over the chunk, continuing from the ring, then the chunk's
@@ -267,63 +253,33 @@ __global__ void chunk_delta_prep_kernel(ChunkDeltaArgs a) {
     }
 }
 
-// Block (value head j, 32 value columns), the deltanet_kernel's state slice held in registers
-// over the whole chunk: per token S = e^g S; S += k (beta (v - S^T k))^T; o = S^T q.
-__global__ void __launch_bounds__(kScanWarps * 32) chunk_delta_scan_kernel(ChunkDeltaArgs a) {
-  __shared__ float red[2][kScanWarps][32];
+// Block (value head j, 32 value columns): deltanet_kernel's state slice, held in registers over
+// the whole chunk while delta_rule_step runs token by token.
+__global__ void __launch_bounds__(kDeltaWarps * 32) chunk_delta_scan_kernel(ChunkDeltaArgs a) {
+  __shared__ float red[2 * kDeltaWarps * 32];
   pdl_wait();
   const int warp = int(threadIdx.x) >> 5, lane = int(threadIdx.x) & 31;
-  const int j = int(blockIdx.x), cb = int(blockIdx.y) * 32, b = cb + lane;
+  const int j = int(blockIdx.x), b = int(blockIdx.y) * 32 + lane;
   const int dk = a.dk, dv = a.dv, kd = a.nk * dk, kh = j / (a.nv / a.nk);
   const int ld = 2 * kd + a.nv * dv, ldg = a.nv, ldo = a.nv * dv;
   const bool col_ok = b < dv;
-  constexpr int kRows = kMaxDeltaKeyDim / kScanWarps;
   float* S = a.state + size_t(j) * dk * dv;
-  float s[kRows];
+  float s[kDeltaRows];
 #pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-    const int r = warp + kScanWarps * i;
+  for (int i = 0; i < kDeltaRows; ++i) {
+    const int r = warp + kDeltaWarps * i;
     s[i] = r < dk && col_ok ? S[size_t(r) * dv + b] : 0.0f;
   }
   for (int t = 0; t < a.n; ++t) {
     const float* q = a.conv + size_t(t) * ld + size_t(kh) * dk;
-    const float* k = q + kd;
     const float v = col_ok ? a.conv[size_t(t) * ld + 2 * kd + size_t(j) * dv + b] : 0.0f;
     const float decay = a.a[size_t(t) * ldg + j], beta = a.b[size_t(t) * ldg + j];
-    float part = 0.0f;
-#pragma unroll
-    for (int i = 0; i < kRows; ++i) {
-      const int r = warp + kScanWarps * i;
-      if (r < dk) {
-        s[i] *= decay;
-        part += s[i] * k[r];
-      }
-    }
-    red[0][warp][lane] = part;
-    __syncthreads();
-    float ks = 0.0f;
-    for (int w = 0; w < kScanWarps; ++w) ks += red[0][w][lane];
-    const float delta = col_ok ? beta * (v - ks) : 0.0f;
-    float po = 0.0f;
-#pragma unroll
-    for (int i = 0; i < kRows; ++i) {
-      const int r = warp + kScanWarps * i;
-      if (r < dk) {
-        s[i] = fmaf(k[r], delta, s[i]);
-        po += s[i] * q[r];
-      }
-    }
-    red[1][warp][lane] = po;
-    __syncthreads();
-    if (warp == 0 && col_ok) {
-      float o = 0.0f;
-      for (int w = 0; w < kScanWarps; ++w) o += red[1][w][lane];
-      a.o[size_t(t) * ldo + size_t(j) * dv + b] = o;
-    }
+    const float o = delta_rule_step(s, q + kd, q, v, decay, beta, dk, col_ok, red);
+    if (warp == 0 && col_ok) a.o[size_t(t) * ldo + size_t(j) * dv + b] = o;
   }
 #pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-    const int r = warp + kScanWarps * i;
+  for (int i = 0; i < kDeltaRows; ++i) {
+    const int r = warp + kDeltaWarps * i;
     if (r < dk && col_ok) S[size_t(r) * dv + b] = s[i];
   }
 }
@@ -355,10 +311,9 @@ __global__ void combine_rows_kernel(float* x, const float* shared_logit, const f
                                     const float* weights, const float* y_routed, int k, int hidden) {
   pdl_wait();
   const int c = int(blockIdx.x * blockDim.x + threadIdx.x), t = int(blockIdx.y);
-  if (c >= hidden) return;
-  float out = sigmoid(shared_logit[t]) * y_shared[size_t(t) * hidden + c];
-  for (int j = 0; j < k; ++j) out += weights[size_t(t) * k + j] * y_routed[(size_t(t) * k + j) * hidden + c];
-  x[size_t(t) * hidden + c] += out;
+  if (c < hidden)
+    x[size_t(t) * hidden + c] += moe_output(shared_logit[t], y_shared + size_t(t) * hidden, weights + size_t(t) * k,
+                                            y_routed + size_t(t) * k * hidden, k, hidden, c);
 }
 
 }  // namespace
@@ -404,7 +359,7 @@ void chunk_deltanet(cudaStream_t s, const ChunkDeltaArgs& a) {
   const int ch = 2 * a.nk * a.dk + a.nv * a.dv;
   launch(chunk_conv_kernel, (ch + 127) / 128, 128, 0, s, a);
   launch(chunk_delta_prep_kernel, dim3(unsigned(a.nk), unsigned(a.n)), 128, 0, s, a);
-  launch(chunk_delta_scan_kernel, dim3(unsigned(a.nv), unsigned((a.dv + 31) / 32)), kScanWarps * 32, 0, s, a);
+  launch(chunk_delta_scan_kernel, dim3(unsigned(a.nv), unsigned((a.dv + 31) / 32)), kDeltaWarps * 32, 0, s, a);
 }
 
 void gated_norm_rows(cudaStream_t s, float* o, const float* z, const float* w, float eps, int n, int heads,
