@@ -124,7 +124,8 @@ class Engine:
         """Run a prompt in chunks of `prefill_chunk` tokens; returns the logits of its last token.
 
         Each chunk's projections are matrix products, and every expert any of its tokens routes
-        to is read once per chunk. The state afterwards equals stepping the tokens one by one.
+        to is read once per chunk. The state afterwards equals stepping the tokens one by one:
+        bit for bit on the CPU, to rounding on CUDA (its chunk kernels sum in another order).
         """
         ids = np.asarray(tokens)
         if ids.ndim != 1 or ids.size == 0:
