@@ -167,7 +167,7 @@ def streaming_child(args: argparse.Namespace) -> int:
     )
     # a long prompt first, into the empty cache, as a session starts
     pre = prefill(engine, args.prefill) if args.prefill else None
-    # a few tokens so that the cache holds what LRU would keep
+    # a few tokens so that the cache holds what its policy would keep
     decode(engine, args.prompt, 8, seed=1)
     result = decode(engine, args.prompt, args.tokens, seed=2)
     result["device"] = engine.device

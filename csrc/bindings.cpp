@@ -12,6 +12,7 @@
 #include "cpu/kernels.h"
 #include "cpu/membench.h"
 #include "engine.h"
+#include "expert_cache.h"
 #include "xxh64.h"
 
 namespace nb = nanobind;
@@ -130,6 +131,14 @@ NB_MODULE(_core, m) {
 
   m.def("cuda_unavailable_reason", &fm::cuda_unavailable_reason,
         "Empty when a CUDA GPU can be used, else why not.");
+
+  nb::class_<fm::ExpertCachePolicy>(m, "ExpertCachePolicy",
+                                    "The CUDA expert cache's bookkeeping: slots, keys, what to evict.")
+      .def(nb::init<int, int, double>(), "capacity"_a, "num_keys"_a, "half_life"_a)
+      .def_prop_ro("capacity", &fm::ExpertCachePolicy::capacity)
+      .def("begin_round", &fm::ExpertCachePolicy::begin_round)
+      .def("find", &fm::ExpertCachePolicy::find, "key"_a, "The slot holding key, or -1.")
+      .def("insert", &fm::ExpertCachePolicy::insert, "key"_a, "A slot for an absent key, evicting if full.");
 
   nb::class_<fm::Xxh64>(m, "Xxh64", "Streaming XXH64 (seed 0).")
       .def(nb::init<>())

@@ -3,9 +3,10 @@
 // activations live on the device. Routed experts come from a device cache of expert blocks:
 //  - resident: the cache holds every block (loaded at start); the top-k choice never leaves the
 //    device, so a token is one CUDA graph launch and one synchronisation (for the logits);
-//  - streaming: the cache holds some blocks (LRU). Each layer synchronises once, on its routing
-//    decision; the shared expert and the cached experts run while the misses are read by the
-//    pread pool into pinned buffers and copied in on a second stream.
+//  - streaming: the cache holds some blocks (least frequently used is evicted, expert_cache.h).
+//    Each layer synchronises once, on its routing decision; the shared expert and the cached
+//    experts run while the misses are read by the pread pool into pinned buffers and copied in on
+//    a second stream.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -13,10 +14,10 @@
 #include <cmath>
 #include <cstring>
 
-#include "cuda/expert_cache.h"
 #include "cuda/kernels.cuh"
 #include "cuda/prefill_kernels.cuh"
 #include "engine.h"
+#include "expert_cache.h"
 #include "expert_store.h"
 
 namespace fm {
@@ -153,6 +154,7 @@ class CudaEngine final : public Engine {
   void upload_weights();
   void allocate_state();
   void setup_expert_cache(double cache_gb);
+  std::unique_ptr<ExpertCachePolicy> make_policy() const;
   void preload_experts();
   void capture_graph();
   void check_tokens(const int32_t* tokens, int64_t n) const;
@@ -211,7 +213,7 @@ class CudaEngine final : public Engine {
   DeviceArray<uint8_t> cache_;
   int capacity_ = 0;  // blocks
   bool resident_ = false;
-  std::unique_ptr<cuda::ExpertCachePolicy> policy_;
+  std::unique_ptr<ExpertCachePolicy> policy_;
   Event routed_{false}, copied_{false};
   double preload_s_ = 0;
 
@@ -488,7 +490,12 @@ void CudaEngine::setup_expert_cache(double cache_gb) {
   if (resident_)
     preload_experts();
   else
-    policy_ = std::make_unique<cuda::ExpertCachePolicy>(capacity_, int(blocks));
+    policy_ = make_policy();
+}
+
+// Uses decay with a half-life of about 64 tokens' lookups (every layer's k experts per token).
+std::unique_ptr<ExpertCachePolicy> CudaEngine::make_policy() const {
+  return std::make_unique<ExpertCachePolicy>(capacity_, c_.num_layers * c_.num_experts, 64.0 * c_.num_layers * k_);
 }
 
 void CudaEngine::preload_experts() {
@@ -596,7 +603,7 @@ void CudaEngine::break_state(const std::exception& e) {
   store_.drain();
   cudaStreamSynchronize(copy_stream_);
   cudaStreamSynchronize(stream_);
-  if (policy_) policy_ = std::make_unique<cuda::ExpertCachePolicy>(capacity_, c_.num_layers * c_.num_experts);
+  if (policy_) policy_ = make_policy();
   broken_ = e.what();
 }
 
@@ -802,6 +809,7 @@ void CudaEngine::moe(int l) {
   hits.n = 1;
   hits.k[0] = -1, hits.slot[0] = -1;  // the shared expert goes with the hits
   int miss_keys[cuda::kMaxExperts];
+  policy_->begin_round();
   for (int i = 0; i < k_; ++i) {
     const int key = l * E + h_ids_.p[i];
     const int slot = policy_->find(key);
@@ -1005,6 +1013,7 @@ void CudaEngine::chunk_experts(int l, int m) {
   for (size_t w0 = 0; w0 < used.size(); w0 += size_t(capacity_)) {
     const size_t w1 = std::min(used.size(), w0 + size_t(capacity_));
     std::vector<int> hits, hit_slots, misses, miss_slots;
+    policy_->begin_round();
     for (size_t i = w0; i < w1; ++i) {
       const int slot = policy_->find(l * E + used[i]);
       if (slot >= 0) hits.push_back(used[i]), hit_slots.push_back(slot);
@@ -1214,7 +1223,7 @@ std::string CudaEngine::describe() const {
     std::snprintf(buf, sizeof buf, "cuda (%s, %d SMs): all %d expert blocks resident, %.2f GB, loaded in %.1f s%s",
                   props_.name, sms_, blocks, gb, preload_s_, profile_ ? ", profiling" : ", CUDA graph");
   else
-    std::snprintf(buf, sizeof buf, "cuda (%s, %d SMs): expert cache %d of %d blocks, %.2f GB, LRU; %d read slots%s",
+    std::snprintf(buf, sizeof buf, "cuda (%s, %d SMs): expert cache %d of %d blocks, %.2f GB, LFU; %d read slots%s",
                   props_.name, sms_, capacity_, blocks, gb, store_.slots(), profile_ ? ", profiling" : "");
   return buf;
 }

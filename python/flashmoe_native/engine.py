@@ -62,7 +62,8 @@ class Engine:
         profile: bool = False,
     ) -> None:
         """expert_cache_gb (CUDA): GPU memory for cached expert blocks, in GB; None takes what
-        fits after the weights and state (every expert when the model fits, else an LRU cache).
+        fits after the weights and state (every expert when the model fits, else a cache that evicts
+        the least frequently used expert).
         profile (CUDA): time each phase with device events, for stats()["ms"]; slower. The CPU
         engine always times its phases."""
         self.path = Path(path) if path is not None else default_model_path()
