@@ -26,10 +26,13 @@ double ms_since(Clock::time_point t0) {
 // a 512-token prompt read 244 MB of experts per token in chunks of 64 and 35 MB in one chunk of
 // 512 (a chunk's 4096 routings touch every one of 256 experts); compute per token barely moves.
 constexpr int kDefaultPrefillChunk = 512;
-// Expert blocks in flight while a chunk's experts are read (decode needs only K), and the I/O
-// threads reading them. Streaming a 35B-A3B-shaped model with O_DIRECT, 64 slots and 16 threads
-// cut prefill's expert I/O wait from 9.0 to 2.8 ms per token against 32 slots and 8 threads.
-constexpr int kPrefillSlots = 64;
+// Expert blocks in flight while a chunk's experts are read (decode needs only K): read buffers of
+// about 256 MB, at least 64 blocks, at most a layer's experts; and the I/O threads reading them.
+// Streaming a 35B-A3B-shaped model with O_DIRECT, 64 slots and 16 threads cut prefill's expert I/O
+// wait from 9.0 to 2.8 ms per token against 32 slots and 8 threads; once the mixer's time also
+// carried reads (below), 151 slots (256 MB) let the reads run through the whole mixer.
+constexpr uint64_t kPrefillReadBytes = uint64_t(256) << 20;
+constexpr int kMinPrefillSlots = 64;
 // With O_DIRECT and a chunk of n tokens whose n * k routings are at least this many times the
 // expert count, a layer's first read slots are filled with its lowest expert ids while its mixer
 // runs, before the router has chosen: each expert is then unused with probability below
@@ -135,6 +138,11 @@ int resolve_threads(int threads) {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
+int read_slots(const ModelConfig& c, const ExpertLayout& layout, int k) {
+  const uint64_t budget = kPrefillReadBytes / std::max<uint64_t>(1, layout.block_stride);
+  return std::max(k, std::min(c.num_experts, std::max(kMinPrefillSlots, int(budget))));
+}
+
 int64_t resolve_chunk(int chunk) {
   if (chunk < 0 || chunk > 8192) throw std::invalid_argument("prefill_chunk must be in 1..8192");
   return chunk == 0 ? kDefaultPrefillChunk : chunk;
@@ -147,7 +155,7 @@ CpuEngine::CpuEngine(ModelSpec spec, const EngineOptions& o)
       max_context_(resolve_max_context(c_, o.max_context)),
       chunk_(resolve_chunk(o.prefill_chunk)),
       pool_(resolve_threads(o.threads)),
-      store_(model_.experts_path(), model_.experts(), std::max(k_, std::min(c_.num_experts, kPrefillSlots)),
+      store_(model_.experts_path(), model_.experts(), read_slots(c_, model_.experts(), k_),
              std::max(k_, kMinIoThreads), o.direct_io),
       direct_io_(o.direct_io),
       scratch_(chunk_, std::max<int64_t>({c_.hidden_size, int64_t(c_.num_heads) * c_.head_dim,
