@@ -73,6 +73,11 @@ class Engine {
 // outside 1..(the model's) throws std::invalid_argument naming the option.
 int resolve_experts_per_token(const ModelConfig& c, int k);
 int64_t resolve_max_context(const ModelConfig& c, int64_t n);
+// Before n tokens run at position pos: throws std::runtime_error while `broken` names an earlier
+// failure, std::invalid_argument for an id outside the vocabulary, ContextLimitError past
+// max_context.
+void check_tokens(const ModelConfig& c, const int32_t* tokens, int64_t n, int64_t pos, int64_t max_context,
+                  const std::string& broken);
 
 std::unique_ptr<Engine> make_cpu_engine(ModelSpec spec, const EngineOptions& options);
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_models import router_choices
 from transformers import AutoModelForCausalLM
 
 from flashmoe_native import _core
@@ -27,17 +28,7 @@ def bundled_routing(n_tokens: int = 1000) -> tuple[list[list[int]], int, int]:
     text = (SOURCE / "heldout.txt").read_text(encoding="utf-8")
     tokens, _ = text_tokens(default_model_path(), text, n_tokens)
     model = AutoModelForCausalLM.from_pretrained(SOURCE, dtype=torch.float32).eval()
-    picks: list[np.ndarray] = []
-    hooks = [
-        layer.mlp.gate.register_forward_hook(
-            lambda _m, _i, out: picks.append(out[2].reshape(len(tokens), -1).numpy())
-        )
-        for layer in model.model.layers
-    ]
-    with torch.no_grad():
-        model(torch.tensor([tokens]))
-    for h in hooks:
-        h.remove()
+    picks = router_choices(model, tokens)
     experts = model.config.num_experts
     keys = [
         [layer * experts + int(e) for layer, ids in enumerate(picks) for e in ids[t]]

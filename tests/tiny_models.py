@@ -351,16 +351,23 @@ def reference_model(model_dir: Path, experts_per_token: int | None = None) -> Qw
     return model
 
 
-def routed_experts(model_dir: Path, ids: list[int]) -> list[list[set[int]]]:
-    """Per layer, per token: the experts transformers' router picks."""
-    model = reference_model(model_dir)
-    picks: list[torch.Tensor] = []
+def router_choices(model: torch.nn.Module, ids: list[int]) -> list[np.ndarray]:
+    """Per layer, the [tokens, k] expert ids a transformers MoE model's routers pick for `ids`."""
+    picks: list[np.ndarray] = []
     hooks = [
-        layer.mlp.gate.register_forward_hook(lambda _m, _i, out: picks.append(out[2]))
+        layer.mlp.gate.register_forward_hook(
+            lambda _m, _i, out: picks.append(out[2].reshape(len(ids), -1).numpy())
+        )
         for layer in model.model.layers
     ]
     with torch.no_grad():
         model(input_ids=torch.tensor([ids]))
     for h in hooks:
         h.remove()
-    return [[set(row.tolist()) for row in p] for p in picks]
+    return picks
+
+
+def routed_experts(model_dir: Path, ids: list[int]) -> list[list[set[int]]]:
+    """Per layer, per token: the experts transformers' router picks."""
+    per_layer = router_choices(reference_model(model_dir), ids)
+    return [[set(row.tolist()) for row in p] for p in per_layer]

@@ -84,7 +84,6 @@ class CpuEngine final : public Engine {
   std::string describe() const override;
 
  private:
-  void check_tokens(const int32_t* tokens, int64_t n) const;
   // Runs n <= chunk_ tokens at positions pos_..pos_+n-1; logits of the last when not null.
   void forward(const int32_t* tokens, int64_t n, float* logits);
   // forward(), but an error (a failed expert read) leaves the engine refusing tokens until
@@ -234,22 +233,8 @@ void CpuEngine::reset() {
   }
 }
 
-void CpuEngine::check_tokens(const int32_t* tokens, int64_t n) const {
-  if (!broken_.empty())
-    throw std::runtime_error("the engine's state is unusable after an earlier error (" + broken_ +
-                             "): reset() or restore() a snapshot first");
-  for (int64_t i = 0; i < n; ++i)
-    if (tokens[i] < 0 || tokens[i] >= c_.vocab_size)
-      throw std::invalid_argument("token id " + std::to_string(tokens[i]) + " is outside the vocabulary (0.." +
-                                  std::to_string(c_.vocab_size - 1) + ")");
-  if (pos_ + n > max_context_)
-    throw ContextLimitError("context limit: " + std::to_string(n) + " more token(s) at position " +
-                            std::to_string(pos_) + " would pass max_context=" + std::to_string(max_context_) +
-                            "; reset() or restore a shorter state");
-}
-
 void CpuEngine::step(int32_t token, float* logits) {
-  check_tokens(&token, 1);
+  check_tokens(c_, &token, 1, pos_, max_context_, broken_);
   forward_or_break(&token, 1, logits);
 }
 
@@ -267,7 +252,7 @@ void CpuEngine::forward_or_break(const int32_t* tokens, int64_t n, float* logits
 
 void CpuEngine::prefill(const int32_t* tokens, int64_t n, float* logits) {
   if (n <= 0) throw std::invalid_argument("prefill needs at least one token");
-  check_tokens(tokens, n);
+  check_tokens(c_, tokens, n, pos_, max_context_, broken_);
   const uint64_t bytes0 = store_.bytes_read(), blocks0 = store_.blocks_read(), run0 = unique_experts_run_;
   for (int64_t i = 0; i < n; i += chunk_) {
     const int64_t m = std::min(chunk_, n - i);

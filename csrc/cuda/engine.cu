@@ -157,7 +157,6 @@ class CudaEngine final : public Engine {
   std::unique_ptr<ExpertCachePolicy> make_policy() const;
   void preload_experts();
   void capture_graph();
-  void check_tokens(const int32_t* tokens, int64_t n) const;
   void forward(int32_t token, float* logits);
   void enqueue_layers();
   void enqueue_lm_head();
@@ -553,22 +552,8 @@ void CudaEngine::reset() {
   FM_CUDA(cudaStreamSynchronize(stream_));
 }
 
-void CudaEngine::check_tokens(const int32_t* tokens, int64_t n) const {
-  if (!broken_.empty())
-    throw std::runtime_error("the engine's state is unusable after an earlier error (" + broken_ +
-                             "); reset() or restore() a snapshot");
-  for (int64_t i = 0; i < n; ++i)
-    if (tokens[i] < 0 || tokens[i] >= c_.vocab_size)
-      throw std::invalid_argument("token id " + std::to_string(tokens[i]) + " is outside the vocabulary (0.." +
-                                  std::to_string(c_.vocab_size - 1) + ")");
-  if (pos_ + n > max_context_)
-    throw ContextLimitError("context limit: " + std::to_string(n) + " more token(s) at position " +
-                            std::to_string(pos_) + " would pass max_context=" + std::to_string(max_context_) +
-                            "; reset() or restore a shorter state");
-}
-
 void CudaEngine::step(int32_t token, float* logits) {
-  check_tokens(&token, 1);
+  check_tokens(c_, &token, 1, pos_, max_context_, broken_);
   try {
     forward(token, logits);
   } catch (const std::exception& e) {
@@ -579,7 +564,7 @@ void CudaEngine::step(int32_t token, float* logits) {
 
 void CudaEngine::prefill(const int32_t* tokens, int64_t n, float* logits) {
   if (n <= 0) throw std::invalid_argument("prefill needs at least one token");
-  check_tokens(tokens, n);
+  check_tokens(c_, tokens, n, pos_, max_context_, broken_);
   const uint64_t bytes0 = store_.bytes_read(), blocks0 = store_.blocks_read();
   try {
     for (int64_t i = 0; i < n; i += chunk_) {
