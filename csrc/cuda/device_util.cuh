@@ -48,6 +48,21 @@ __device__ __forceinline__ void pdl_sync() {
   pdl_trigger();
 }
 
+// Share `part` of `parts` of bytes [ptr, ptr + bytes) pulled into L2 (sm_90; a no-op before).
+__device__ __forceinline__ void prefetch_slice(const void* ptr, uint64_t bytes, uint64_t part, uint64_t parts) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const uint64_t p = reinterpret_cast<uint64_t>(ptr);
+  const uint64_t lo = (p + bytes * part / parts) & ~uint64_t(15), hi = (p + bytes * (part + 1) / parts) & ~uint64_t(15);
+  if (hi > lo) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(lo), "r"(uint32_t(hi - lo)) : "memory");
+#endif
+}
+
+// This block's share of each prefetch range (thread r issues range r).
+__device__ __forceinline__ void prefetch_l2(const Prefetch& f) {
+  const int r = int(threadIdx.x);
+  if (r < f.n) prefetch_slice(f.p[r], f.bytes[r], blockIdx.x, gridDim.x);
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
   return v;

@@ -118,6 +118,24 @@ struct CudaLayer {
   float* ssm = nullptr;   // [nv, dk, dv]
 };
 
+// The weights of a layer's first mixer launch (q/k/v or in_proj), and those of its MoE that do
+// not depend on the routing (router, shared expert): an earlier launch of the token pulls them
+// into L2 (cuda::Prefetch).
+cuda::Prefetch mixer_entry_weights(const CudaLayer& w) {
+  cuda::Prefetch f;
+  if (w.type == LayerType::FullAttention) {
+    for (const DevMat* m : {&w.q_proj, &w.k_proj, &w.v_proj}) f.add(*m);
+  } else {
+    for (const DevMat* m : {&w.in_qkv, &w.in_z, &w.in_b, &w.in_a}) f.add(*m);
+  }
+  return f;
+}
+cuda::Prefetch moe_static_weights(const CudaLayer& w) {
+  cuda::Prefetch f;
+  for (const DevMat* m : {&w.router, &w.shared_gate, &w.sh_gate, &w.sh_up, &w.sh_down}) f.add(*m);
+  return f;
+}
+
 // Events of one layer for the per-phase timing (EngineOptions::profile).
 enum { kEvMixer, kEvRouter, kEvRouted, kEvExpA0, kEvExpA1, kEvExpB0, kEvExpB1, kEvPerLayer };
 
@@ -659,7 +677,9 @@ void CudaEngine::mixer(int l) {
     jobs[0].m = w.q_proj, jobs[0].out = mixed_.p;
     jobs[1].m = w.k_proj, jobs[1].out = kraw_.p;
     jobs[2].m = w.v_proj, jobs[2].out = vraw_.p;
-    cuda::matvec(stream_, norm, H, jobs, 3, sms_);
+    cuda::Prefetch next;
+    next.add(w.o_proj);
+    cuda::matvec(stream_, norm, H, jobs, 3, sms_, nullptr, &next);
     cuda::AttnArgs a;
     a.qg = mixed_.p;
     a.kraw = kraw_.p;
@@ -682,14 +702,17 @@ void CudaEngine::mixer(int l) {
     copy.src = attn_out_.p;
     cuda::MatvecJob o;
     o.m = w.o_proj, o.out = x_.p, o.accumulate = true;
-    cuda::matvec(stream_, copy, c_.num_heads * c_.head_dim, &o, 1, sms_);
+    const cuda::Prefetch moe_weights = moe_static_weights(w);
+    cuda::matvec(stream_, copy, c_.num_heads * c_.head_dim, &o, 1, sms_, nullptr, &moe_weights);
   } else {
     cuda::MatvecJob jobs[4];
     jobs[0].m = w.in_qkv, jobs[0].out = mixed_.p;
     jobs[1].m = w.in_z, jobs[1].out = z_.p;
     jobs[2].m = w.in_b, jobs[2].out = bgate_.p;
     jobs[3].m = w.in_a, jobs[3].out = agate_.p;
-    cuda::matvec(stream_, norm, H, jobs, 4, sms_);
+    cuda::Prefetch next;
+    next.add(w.out_proj);
+    cuda::matvec(stream_, norm, H, jobs, 4, sms_, nullptr, &next);
     cuda::DeltaArgs d;
     d.mixed = mixed_.p;
     d.b = bgate_.p;
@@ -716,7 +739,9 @@ void CudaEngine::mixer(int l) {
     gated.head_dim = c_.lin_value_head_dim;
     cuda::MatvecJob out;
     out.m = w.out_proj, out.out = x_.p, out.accumulate = true;
-    cuda::matvec(stream_, gated, c_.lin_num_value_heads * c_.lin_value_head_dim, &out, 1, sms_);
+    const cuda::Prefetch moe_weights = moe_static_weights(w);
+    cuda::matvec(stream_, gated, c_.lin_num_value_heads * c_.lin_value_head_dim, &out, 1, sms_, nullptr,
+                 &moe_weights);
   }
 }
 
@@ -766,7 +791,9 @@ void CudaEngine::moe(int l) {
   topk.renormalize = c_.norm_topk_prob;
   topk.ids = expert_ids_.p;
   topk.weights = expert_w_.p;
-  cuda::matvec(stream_, norm, H, jobs, 2, sms_, &topk);
+  const cuda::Prefetch next_mixer =
+      l + 1 < c_.num_layers ? mixer_entry_weights(layers_[size_t(l + 1)]) : cuda::Prefetch();
+  cuda::matvec(stream_, norm, H, jobs, 2, sms_, &topk, &next_mixer);
   record(l, kEvRouted);
   const cuda::ExpertArgs args = expert_args(l);
 

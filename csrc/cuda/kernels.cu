@@ -212,41 +212,70 @@ __device__ __forceinline__ void rows_dot(const DevMat* m, int rt, int r0, int r1
 // Shared memory of one input vector: x (swizzled, padded to 32), group sums, reduction space.
 __host__ __device__ inline size_t vector_floats(int cols) { return size_t(padded_cols(cols)) + cols / 64 + 4; }
 
+// float4s of the prologue's inputs each thread loads before using any: one L2 round trip per
+// kXBatch * kThreads * 4 columns (4096 at 256 threads) instead of one per element.
+constexpr int kXBatch = 4;
+
+__device__ __forceinline__ float4 operator*(float4 a, float4 b) { return {a.x * b.x, a.y * b.y, a.z * b.z, a.w * b.w}; }
+__device__ __forceinline__ float4 operator*(float4 a, float s) { return {a.x * s, a.y * s, a.z * s, a.w * s}; }
+__device__ __forceinline__ float sum_sq(float4 v) { return v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w; }
+__device__ __forceinline__ float4 silu4(float4 v) { return {silu(v.x), silu(v.y), silu(v.z), silu(v.w)}; }
+
 // Builds the block's x and group sums from the prologue; every thread of the block takes part.
+// red: kWarps floats, then kMaxHeads head sums, then cols/4 squares (GatedNorm).
 __device__ void load_x(const PrologueArgs& p, int cols, float* xs, float* gsum, float* red) {
   const int tid = threadIdx.x, nt = blockDim.x, warp = tid >> 5, lane = tid & 31, nw = nt >> 5;
+  const int n4 = cols / 4, hd4 = p.head_dim / 4;
+  const float4* src = reinterpret_cast<const float4*>(p.src);
+  const float4* w4 = reinterpret_cast<const float4*>(p.w);
+  const float4* z4 = reinterpret_cast<const float4*>(p.z);
+  float4* x4 = reinterpret_cast<float4*>(xs);
+  float* head_ss = red + nw;
+  float* sq = head_ss + kMaxHeads;
   float ss = 0.0f;
-  for (int i = tid; i < cols; i += nt) {
-    const float v = p.src[i];
-    xs[xpos(i)] = v;
-    ss += v * v;
+  // x = src, src * (1 + w) (Norm: the block's scalar norm comes after) or src * w * silu(z)
+  for (int base = tid; base < n4; base += nt * kXBatch) {
+    float4 v[kXBatch], w[kXBatch], z[kXBatch];
+#pragma unroll
+    for (int j = 0; j < kXBatch; ++j) {
+      const int f = base + j * nt;
+      if (f >= n4) break;
+      v[j] = src[f];
+      if (p.kind == Prologue::Norm) w[j] = w4[f];
+      if (p.kind == Prologue::GatedNorm) w[j] = w4[f % hd4], z[j] = z4[f];
+    }
+#pragma unroll
+    for (int j = 0; j < kXBatch; ++j) {
+      const int f = base + j * nt;
+      if (f >= n4) break;
+      if (p.kind == Prologue::Copy) {
+        x4[swz(f)] = v[j];
+      } else if (p.kind == Prologue::Norm) {
+        ss += sum_sq(v[j]);
+        x4[swz(f)] = v[j] * float4{1.0f + w[j].x, 1.0f + w[j].y, 1.0f + w[j].z, 1.0f + w[j].w};
+      } else {
+        sq[f] = sum_sq(v[j]);
+        x4[swz(f)] = v[j] * w[j] * silu4(z[j]);
+      }
+    }
   }
   if (p.kind == Prologue::Norm) {
     const float inv = 1.0f / sqrtf(block_sum(ss, red) / float(cols) + p.eps);
-    for (int i = tid; i < cols; i += nt) {
-      const float v = xs[xpos(i)] * inv * (1.0f + p.w[i]);
-      xs[xpos(i)] = v;
-      if (p.norm_out && blockIdx.x == 0) p.norm_out[i] = v;
+    for (int f = tid; f < n4; f += nt) {
+      const float4 v = x4[swz(f)] * inv;
+      x4[swz(f)] = v;
+      if (p.norm_out && blockIdx.x == 0) reinterpret_cast<float4*>(p.norm_out)[f] = v;
     }
   } else if (p.kind == Prologue::GatedNorm) {
     __syncthreads();
-    const int hd = p.head_dim, heads = cols / hd;
-    float* head_ss = red + nw;
-    for (int h = warp; h < heads; h += nw) {
+    for (int h = warp; h < n4 / hd4; h += nw) {
       float s = 0.0f;
-      for (int i = lane; i < hd; i += 32) {
-        const float v = xs[xpos(h * hd + i)];
-        s += v * v;
-      }
+      for (int i = lane; i < hd4; i += 32) s += sq[h * hd4 + i];
       s = warp_sum(s);
-      if (lane == 0) head_ss[h] = s;
+      if (lane == 0) head_ss[h] = 1.0f / sqrtf(s / float(p.head_dim) + p.eps);
     }
     __syncthreads();
-    for (int i = tid; i < cols; i += nt) {
-      const int h = i / hd;
-      const float inv = 1.0f / sqrtf(head_ss[h] / float(hd) + p.eps);
-      xs[xpos(i)] = xs[xpos(i)] * inv * p.w[i % hd] * silu(p.z[i]);
-    }
+    for (int f = tid; f < n4; f += nt) x4[swz(f)] = x4[swz(f)] * head_ss[f / hd4];
   }
   __syncthreads();
   for (int g = warp; g < cols / 64; g += nw) {
@@ -313,6 +342,7 @@ struct MatvecParams {
   int first_block[kMaxJobs + 1] = {};
   Tiling tiles[kMaxJobs];
   TopkTail tail;
+  Prefetch prefetch;
 };
 
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) matvec_kernel(const __grid_constant__ MatvecParams p) {
@@ -327,6 +357,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) matvec_kernel(const __
   float* red = gsum + p.cols / 64 + 4;
   float* out = job.out;
   const bool acc = job.accumulate;
+  prefetch_l2(p.prefetch);
   rows_dot<1>(
       &job.m, p.tiles[j].rt, r0, r1, threadIdx.x >> 5, kWarps, xs, gsum,
       [&] {
@@ -537,7 +568,16 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) expert_gate_up_kernel(
   const ExpertArgs& a = p.a;
   const int j = entry_of_block(p), k = p.b.k[j];
   const bool routed = k >= 0;
-  if (routed) pdl_sync();  // the routed experts' ids are the router's output
+  if (routed) {
+    pdl_sync();  // the routed experts' ids are the router's output
+    // the expert's down projection, which the next launch reads, split among this entry's blocks
+    const PartDesc& d = a.down;
+    const uint64_t end = d.bits == 16 ? d.data_off + uint64_t(d.rows) * d.cols * 2
+                                      : d.biases_off + uint64_t(d.rows) * (d.cols / 64) * 2;
+    if (threadIdx.x == 0)
+      prefetch_slice(expert_block(a, k, p.b.slot[j]) + d.data_off, end - d.data_off,
+                     blockIdx.x - p.first_block[j], p.first_block[j + 1] - p.first_block[j]);
+  }
   DevMat m[2];
   if (routed) {
     const uint8_t* base = expert_block(a, k, p.b.slot[j]);
@@ -613,7 +653,9 @@ bool g_programmatic = false;
 void set_programmatic_launch(bool on) { g_programmatic = on; }
 bool programmatic_launch() { return g_programmatic; }
 
-size_t matvec_smem_bytes(int cols) { return (vector_floats(cols) + kWarps + kMaxHeads) * sizeof(float); }
+size_t matvec_smem_bytes(int cols) {
+  return (vector_floats(cols) + kWarps + kMaxHeads + size_t(cols) / 4) * sizeof(float);
+}
 
 void set_smem_limits(size_t bytes) {
   const int b = int(bytes);
@@ -622,11 +664,23 @@ void set_smem_limits(size_t bytes) {
   FM_CUDA(cudaFuncSetAttribute(expert_down_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, b));
 }
 
+void Prefetch::add(const void* ptr, uint64_t size) {
+  if (n == kMaxPrefetch) throw std::logic_error("Prefetch: more than kMaxPrefetch ranges");
+  p[n] = ptr, bytes[n] = size, ++n;
+}
+
+void Prefetch::add(const DevMat& m) {
+  const uint64_t weights = uint64_t(m.rows) * uint64_t(m.cols);
+  add(m.data, weights * uint64_t(m.bits) / 8);
+  if (m.bits != 16) add(m.scales, weights / 64 * 2), add(m.biases, weights / 64 * 2);
+}
+
 void matvec(cudaStream_t s, const PrologueArgs& pro, int cols, const MatvecJob* jobs, int njobs, int sms,
-            const TopkTail* tail) {
+            const TopkTail* tail, const Prefetch* prefetch) {
   if (njobs < 1 || njobs > kMaxJobs) throw std::logic_error("matvec: 1..kMaxJobs jobs per launch");
-  if (pro.kind == Prologue::GatedNorm && (pro.head_dim <= 0 || cols % pro.head_dim || cols / pro.head_dim > kMaxHeads))
-    throw std::invalid_argument("gated norm: cols must be a multiple of head_dim with at most 128 heads");
+  if (pro.kind == Prologue::GatedNorm &&
+      (pro.head_dim <= 0 || pro.head_dim % 4 || cols % pro.head_dim || cols / pro.head_dim > kMaxHeads))
+    throw std::invalid_argument("gated norm: head_dim a multiple of 4, cols a multiple of head_dim, at most 128 heads");
   MatvecParams p;
   p.pro = pro;
   p.cols = cols;
@@ -643,6 +697,7 @@ void matvec(cudaStream_t s, const PrologueArgs& pro, int cols, const MatvecJob* 
       throw std::invalid_argument("CUDA router: 1..32 experts per token out of at most 1024");
     p.tail = *tail;
   }
+  if (prefetch) p.prefetch = *prefetch;
   launch(matvec_kernel, blocks, kThreads, matvec_smem_bytes(cols), s, p);
 }
 

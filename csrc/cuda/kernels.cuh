@@ -79,13 +79,25 @@ struct TopkTail {
   float* weights = nullptr;
 };
 
+// Weights a later launch reads, pulled into L2 by this launch's blocks (each its share of every
+// range, with cp.async.bulk.prefetch on sm_90) so that the DRAM stream runs on through launch
+// gaps, prologues and reductions. Ranges whose size is not a multiple of 16 lose their tail.
+constexpr int kMaxPrefetch = 16;
+struct Prefetch {
+  const void* p[kMaxPrefetch] = {};
+  uint64_t bytes[kMaxPrefetch] = {};
+  int n = 0;
+  void add(const void* ptr, uint64_t size);
+  void add(const DevMat& m);  // its data, scales and biases
+};
+
 // Launch kernels with programmatic dependent launch (sm_90 and newer), so that each kernel's
 // launch and first weight loads overlap its predecessor. The engine turns it on per device.
 void set_programmatic_launch(bool on);
 
 // out_j = W_j x for up to kMaxJobs matrices of `cols` columns sharing the prologue's x.
 void matvec(cudaStream_t s, const PrologueArgs& pro, int cols, const MatvecJob* jobs, int njobs, int sms,
-            const TopkTail* tail = nullptr);
+            const TopkTail* tail = nullptr, const Prefetch* prefetch = nullptr);
 
 // Shared memory a launch of `cols` columns needs; the engine raises the kernels' limits once.
 size_t matvec_smem_bytes(int cols);
