@@ -1,5 +1,6 @@
 // CUDA kernels of the per-token loop (see kernels.cuh). Every reduction has a fixed order, so a
 // token's logits are the same bits each time it is run.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 
@@ -287,9 +288,9 @@ __device__ void load_x(const PrologueArgs& p, int cols, float* xs, float* gsum, 
 }
 
 // Blocks of the matvec-style kernels resident per SM (their launch bounds, 128 registers); a
-// launch takes at most this many per SM, so that its blocks run in one wave. (One per SM, which
-// leaves room for the next launch to start beside it, measured slower: 8 warps per SM hide too
-// little latency.)
+// launch takes at most this many per SM, so that its blocks run in one wave. (At most one per SM,
+// which leaves room for the next launch to start beside it, measured slower: 8 warps per SM hide
+// too little latency.)
 constexpr int kBlocksPerSm = 2;
 
 // How a launch covers a matrix: rt rows per warp tile and rows per block.
@@ -297,37 +298,42 @@ struct Tiling {
   int rt = 1, rows_per_block = 0;
 };
 
-// m.rows: the rows of the whole launch; n: matrices per tile (gate/up: 2). The tallest tile of at
-// most kLoads rows (times n) that still gives every warp of one block per SM a tile.
-Tiling tiling(const DevMat& m, int n, int sms) {
-  const int segs = 32 / lanes_per_row(m.cols, m.bits);
-  Tiling t;
-  for (int rt : {4, 2})
-    if (n * rt <= kLoads && m.rows / (rt * segs) >= int64_t(sms) * kWarps) {
-      t.rt = rt;
-      break;
-    }
-  t.rows_per_block = kWarps * segs * t.rt;
-  return t;
-}
-
-// Tiles and first blocks of a launch of njobs matrices (shapes m, each its own rows). Each job's
-// blocks take the same number of tiles per warp: the fewest that keep the launch within
-// kBlocksPerSm blocks per SM. Returns the launch's blocks.
+// Tiles and first blocks of a launch of njobs matrices (shapes m, each its own rows; n: matrices
+// per tile, gate/up: 2). Every job gets the same tile height rt (at most kLoads / n) and tiles
+// per warp. Among launches of at most kBlocksPerSm blocks per SM (one wave), the plan minimises
+// the busiest SM's time, modelled as its weight bytes over its throughput, which a second block
+// raises by half (more loads in flight); ties go to taller tiles (x reused across more rows).
+// Returns the launch's blocks. (The sums do not depend on the tiling.)
 int plan_launch(const DevMat* m, int njobs, int n, int sms, Tiling* tiles, int* first_block) {
-  int64_t rows = 0, blocks1 = 0;
-  for (int j = 0; j < njobs; ++j) rows += m[j].rows;
-  for (int j = 0; j < njobs; ++j) {
-    DevMat shape = m[j];
-    shape.rows = int(rows);  // tiled for all the launch's rows together
-    tiles[j] = tiling(shape, n, sms);
-    blocks1 += (m[j].rows + tiles[j].rows_per_block - 1) / tiles[j].rows_per_block;
-  }
+  static_assert(kBlocksPerSm == 2, "the SM throughput model below knows one or two blocks");
   const int64_t slots = int64_t(sms) * kBlocksPerSm;
-  const int iters = int((blocks1 + slots - 1) / slots);
+  double best = INFINITY;
+  for (int rt : {4, 2, 1}) {
+    if (n * rt > kLoads) continue;
+    for (int iters = 1;; ++iters) {
+      int64_t blocks = 0;
+      double heaviest = 0;
+      bool whole = true;  // every job one block: more tiles per warp change nothing
+      Tiling t[kMaxExperts];
+      for (int j = 0; j < njobs; ++j) {
+        t[j].rt = rt;
+        t[j].rows_per_block = kWarps * (32 / lanes_per_row(m[j].cols, m[j].bits)) * rt * iters;
+        blocks += (m[j].rows + t[j].rows_per_block - 1) / t[j].rows_per_block;
+        heaviest = std::max(heaviest, double(std::min(t[j].rows_per_block, m[j].rows)) * m[j].cols * m[j].bits);
+        whole = whole && t[j].rows_per_block >= m[j].rows;
+      }
+      if (blocks > slots && !whole) continue;
+      const int64_t per_sm = (blocks + sms - 1) / sms;
+      const double time = heaviest * double(per_sm) / (per_sm > 1 ? 1.5 : 1.0);
+      if (time < best) {
+        best = time;
+        std::copy(t, t + njobs, tiles);
+      }
+      if (blocks <= sms || whole) break;  // more tiles per warp only make the blocks heavier
+    }
+  }
   int blocks = 0;
   for (int j = 0; j < njobs; ++j) {
-    tiles[j].rows_per_block *= iters;
     first_block[j] = blocks;
     blocks += (m[j].rows + tiles[j].rows_per_block - 1) / tiles[j].rows_per_block;
   }
