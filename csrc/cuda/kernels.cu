@@ -299,38 +299,43 @@ struct Tiling {
 };
 
 // Tiles and first blocks of a launch of njobs matrices (shapes m, each its own rows; n: matrices
-// per tile, gate/up: 2). Every job gets the same tile height rt (at most kLoads / n) and tiles
-// per warp. Among launches of at most kBlocksPerSm blocks per SM (one wave), the plan minimises
-// the busiest SM's time, modelled as its weight bytes over its throughput, which a second block
-// raises by half (more loads in flight); ties go to taller tiles (x reused across more rows).
-// Returns the launch's blocks. (The sums do not depend on the tiling.)
+// per tile, gate/up: 2). For a target block weight, each job takes the most rows per block that
+// stay within it (whole tiles of its tallest fitting height, at least one tile of one row per
+// segment), so that a small bf16 matrix does not become one block heavier than the rest. Among
+// targets that keep the launch within kBlocksPerSm blocks per SM (one wave), the plan minimises
+// the busiest SM's time, modelled as its heaviest block times its blocks over its throughput,
+// which a second block raises by half (more loads in flight); a launch of more jobs than that
+// takes one block per job. Returns the launch's blocks. (The sums do not depend on the tiling.)
 int plan_launch(const DevMat* m, int njobs, int n, int sms, Tiling* tiles, int* first_block) {
   static_assert(kBlocksPerSm == 2, "the SM throughput model below knows one or two blocks");
   const int64_t slots = int64_t(sms) * kBlocksPerSm;
+  const int rt_max = kLoads / n;
+  auto unit_rows = [&](int j) { return kWarps * (32 / lanes_per_row(m[j].cols, m[j].bits)); };  // rt = 1
+  auto row_bits = [&](int j) { return double(m[j].cols) * m[j].bits; };
+  double lightest = INFINITY;
+  for (int j = 0; j < njobs; ++j) lightest = std::min(lightest, unit_rows(j) * row_bits(j));
   double best = INFINITY;
-  for (int rt : {4, 2, 1}) {
-    if (n * rt > kLoads) continue;
-    for (int iters = 1;; ++iters) {
-      int64_t blocks = 0;
-      double heaviest = 0;
-      bool whole = true;  // every job one block: more tiles per warp change nothing
-      Tiling t[kMaxExperts];
-      for (int j = 0; j < njobs; ++j) {
-        t[j].rt = rt;
-        t[j].rows_per_block = kWarps * (32 / lanes_per_row(m[j].cols, m[j].bits)) * rt * iters;
-        blocks += (m[j].rows + t[j].rows_per_block - 1) / t[j].rows_per_block;
-        heaviest = std::max(heaviest, double(std::min(t[j].rows_per_block, m[j].rows)) * m[j].cols * m[j].bits);
-        whole = whole && t[j].rows_per_block >= m[j].rows;
-      }
-      if (blocks > slots && !whole) continue;
-      const int64_t per_sm = (blocks + sms - 1) / sms;
-      const double time = heaviest * double(per_sm) / (per_sm > 1 ? 1.5 : 1.0);
-      if (time < best) {
-        best = time;
-        std::copy(t, t + njobs, tiles);
-      }
-      if (blocks <= sms || whole) break;  // more tiles per warp only make the blocks heavier
+  Tiling t[kMaxExperts];
+  for (double target = lightest;; target *= 1.08) {
+    int64_t blocks = 0;
+    double heaviest = 0;
+    bool whole = true;  // every job one block: heavier targets change nothing
+    for (int j = 0; j < njobs; ++j) {
+      const int unit = unit_rows(j);
+      const int units = std::max(1, std::min(int(target / (unit * row_bits(j))), (m[j].rows + unit - 1) / unit));
+      t[j].rt = units % 4 == 0 && rt_max >= 4 ? 4 : units % 2 == 0 && rt_max >= 2 ? 2 : 1;
+      t[j].rows_per_block = unit * units;
+      blocks += (m[j].rows + t[j].rows_per_block - 1) / t[j].rows_per_block;
+      heaviest = std::max(heaviest, std::min(t[j].rows_per_block, m[j].rows) * row_bits(j));
+      whole = whole && t[j].rows_per_block >= m[j].rows;
     }
+    const int64_t per_sm = (blocks + sms - 1) / sms;
+    const double time = heaviest * double(per_sm) / (per_sm > 1 ? 1.5 : 1.0);
+    if ((blocks <= slots || (whole && best == INFINITY)) && time < best) {  // whole: no plan fits one wave
+      best = time;
+      std::copy(t, t + njobs, tiles);
+    }
+    if (whole) break;
   }
   int blocks = 0;
   for (int j = 0; j < njobs; ++j) {
