@@ -223,7 +223,9 @@ __device__ __forceinline__ float sum_sq(float4 v) { return v.x * v.x + v.y * v.y
 __device__ __forceinline__ float4 silu4(float4 v) { return {silu(v.x), silu(v.y), silu(v.z), silu(v.w)}; }
 
 // Builds the block's x and group sums from the prologue; every thread of the block takes part.
-// red: kWarps floats, then kMaxHeads head sums, then cols/4 squares (GatedNorm).
+// red: kWarps floats, then kMaxHeads head sums, then cols/4 squares (GatedNorm). The inputs are
+// read as float4s: weights.bin tensors start 64-byte aligned and activations are whole buffers
+// (or rows of a multiple of 4 floats).
 __device__ void load_x(const PrologueArgs& p, int cols, float* xs, float* gsum, float* red) {
   const int tid = threadIdx.x, nt = blockDim.x, warp = tid >> 5, lane = tid & 31, nw = nt >> 5;
   const int n4 = cols / 4, hd4 = p.head_dim / 4;
@@ -309,11 +311,16 @@ struct Tiling {
 int plan_launch(const DevMat* m, int njobs, int n, int sms, Tiling* tiles, int* first_block) {
   static_assert(kBlocksPerSm == 2, "the SM throughput model below knows one or two blocks");
   const int64_t slots = int64_t(sms) * kBlocksPerSm;
+  if (njobs > kMaxExperts) throw std::logic_error("plan_launch: more than kMaxExperts matrices");
   const int rt_max = kLoads / n;
-  auto unit_rows = [&](int j) { return kWarps * (32 / lanes_per_row(m[j].cols, m[j].bits)); };  // rt = 1
-  auto row_bits = [&](int j) { return double(m[j].cols) * m[j].bits; };
+  int unit[kMaxExperts];         // rows of one tile per warp at rt = 1
+  double row_bits[kMaxExperts];  // weight bits of one row
   double lightest = INFINITY;
-  for (int j = 0; j < njobs; ++j) lightest = std::min(lightest, unit_rows(j) * row_bits(j));
+  for (int j = 0; j < njobs; ++j) {
+    unit[j] = kWarps * (32 / lanes_per_row(m[j].cols, m[j].bits));
+    row_bits[j] = double(m[j].cols) * m[j].bits;
+    lightest = std::min(lightest, unit[j] * row_bits[j]);
+  }
   double best = INFINITY;
   Tiling t[kMaxExperts];
   for (double target = lightest;; target *= 1.08) {
@@ -321,12 +328,11 @@ int plan_launch(const DevMat* m, int njobs, int n, int sms, Tiling* tiles, int* 
     double heaviest = 0;
     bool whole = true;  // every job one block: heavier targets change nothing
     for (int j = 0; j < njobs; ++j) {
-      const int unit = unit_rows(j);
-      const int units = std::max(1, std::min(int(target / (unit * row_bits(j))), (m[j].rows + unit - 1) / unit));
+      const int units = std::max(1, std::min(int(target / (unit[j] * row_bits[j])), (m[j].rows + unit[j] - 1) / unit[j]));
       t[j].rt = units % 4 == 0 && rt_max >= 4 ? 4 : units % 2 == 0 && rt_max >= 2 ? 2 : 1;
-      t[j].rows_per_block = unit * units;
+      t[j].rows_per_block = unit[j] * units;
       blocks += (m[j].rows + t[j].rows_per_block - 1) / t[j].rows_per_block;
-      heaviest = std::max(heaviest, std::min(t[j].rows_per_block, m[j].rows) * row_bits(j));
+      heaviest = std::max(heaviest, std::min(t[j].rows_per_block, m[j].rows) * row_bits[j]);
       whole = whole && t[j].rows_per_block >= m[j].rows;
     }
     const int64_t per_sm = (blocks + sms - 1) / sms;
