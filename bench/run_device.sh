@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One device call: build the package with the CUDA backend, run the CUDA tests (and the parity and
-# prefill suites on device="cuda"), then the benchmarks. Everything lands in $OUT; the table prints last.
-#   bash bench/run_device.sh [tests|probe|bench|all]
+# One device call: the launch/barrier latency microbenchmark, then build the package with the CUDA
+# backend, run the CUDA tests (and the parity and prefill suites on device="cuda"), then the
+# benchmarks. Everything lands in $OUT; the table prints last.
+#   bash bench/run_device.sh [chain|tests|probe|bench|all]
 set -uo pipefail
 OUT=${OUT:-/tmp/flashmoe-device-out}
 WHAT=${1:-all}
@@ -11,6 +12,11 @@ cd "$(dirname "$0")/.."
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
+if [[ $WHAT == all || $WHAT == chain ]]; then
+  # what one dependency costs with no work in it (launch chains, grid barriers)
+  nvcc -O3 -std=c++17 -arch=sm_90 bench/chain_latency.cu -o /tmp/chain_latency && /tmp/chain_latency | tee "$OUT/chain_latency.txt"
+  [[ $WHAT == chain ]] && exit "${PIPESTATUS[0]}"
+fi
 t0=$(date +%s)
 # sm_90 only: the H200 is the one GPU here, and it keeps the build short
 CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90" python3 -m pip install --no-build-isolation --no-deps -q . \
