@@ -133,9 +133,8 @@ int main() {
       CHECK(cudaGraphDestroy(graph));
     }
 
-  void* args[] = {&buf, &count, nullptr};
   int steps = kSteps;
-  args[2] = &steps;
+  void* args[] = {&buf, &count, &steps};
   const double us = us_per_step(s, [&] {
     CHECK(cudaMemsetAsync(count, 0, sizeof(unsigned), s));
     CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(barrier_kernel), dim3(unsigned(blocks)), dim3(kThreads),
