@@ -195,23 +195,218 @@ __device__ __forceinline__ void rows_dot_rt(const DevMat* m, int r0, int r1, int
     rows_dot_tiles<16, N, RT>(m, r0, r1, worker, workers, xs, gsum, ready, emit);
 }
 
+// Shared memory of a matvec-style block for an input of `cols` columns (offsets in floats): x
+// (swizzled, padded to 32), group sums, reduction space (kWarps floats, kMaxHeads head sums, cols/4
+// squares), then the q4 path's group scales, B fragments (kQ4FragBytes per 128-column step) and the
+// partial sums of its column slices.
+constexpr int kQ4FragBytes = 512;
+constexpr int kMaxPartials = 8192;  // floats of slice partial sums per block
+__host__ __device__ inline int q4_steps(int cols) { return (cols + 127) / 128; }
+__host__ __device__ inline int q4_slices(int cols) { return q4_steps(cols) < kWarps ? q4_steps(cols) : kWarps; }
+
+struct VecSmem {
+  float* xs;
+  float* gsum;
+  float* red;
+  float* q4scale;
+  const uint4* q4frag;
+  float* partial;
+};
+__host__ __device__ inline size_t vec_smem_floats(int cols, VecSmem* v = nullptr, float* base = nullptr) {
+  const size_t xs = 0, gsum = xs + padded_cols(cols), red = gsum + cols / 64 + 4;
+  const size_t q4scale = red + kWarps + kMaxHeads + cols / 4;
+  const size_t q4frag = (q4scale + cols / 64 + 3) / 4 * 4;
+  const size_t partial = q4frag + size_t(q4_steps(cols)) * kQ4FragBytes / 4;
+  if (v) *v = {base + xs, base + gsum, base + red, base + q4scale, reinterpret_cast<const uint4*>(base + q4frag), base + partial};
+  return partial + kMaxPartials;
+}
+
+// ---- q4 rows on the integer tensor cores ----
+// mma.sync m16n8k32 (u8 weights x s8 x, s32 accumulate) is exact. The block's x is held as four
+// int8 parts per 64-column group G, x = S_G (p0 + p1 2^-7 + p2 2^-14 + p3 2^-21) with S_G a power
+// of two and |p| <= 64 (x to 2^-27 of the group's largest |x|), so a row's dot with group G is
+// S_G sum_p 2^-7p (q . p_p), each q . p_p an exact integer. Lane (g, t) = (lane / 4, lane % 4)
+// loads 16 bytes (32 weights) of rows g and g + 8 at columns 128 s + 32 t.. of step s; in MMA i,
+// word i's even weights are A's k = 4t..4t+3 and its odd ones k = 4t+16..4t+19 (one mask each).
+// B's column n = 4 h + p holds part p of group 2 s + h in the lanes whose t / 2 = h and zeros
+// elsewhere, so D[row][4h + p] = q . p_p over group 2 s + h: lane t holds its own group's parts
+// 2 (t % 2) and 2 (t % 2) + 1.
+//
+// Warps split the columns into q4_slices(cols) slices (a function of cols alone, so the sums do
+// not depend on the launch plan) and take a block's 16-row tiles in turn; the slices' partial sums
+// meet in shared memory and are added in slice order.
+
+// Byte of the B fragments holding part p of column c: [step][t][p][mma i][8 bytes].
+__device__ __forceinline__ int q4_frag_byte(int c, int p) {
+  const int step = c >> 7, t = (c >> 5) & 3, i = (c >> 3) & 3, e = c & 7;
+  return (((step * 4 + t) * 4 + p) * 4 + i) * 8 + (e & 1) * 4 + (e >> 1);
+}
+
+// Group G's scale and parts of v0 = x[64 G + lane], v1 = x[64 G + 32 + lane], by one warp.
+__device__ __forceinline__ void q4_split_group(int G, float v0, float v1, const VecSmem& v) {
+  const int lane = int(threadIdx.x) & 31;
+  const float mx = warp_max(fmaxf(fabsf(v0), fabsf(v1)));
+  // mx = f 2^e, f in [0.5, 1): S = 2^(e - 6) keeps |x| / S < 64; the exponent field E is floored
+  // so that every part's scale stays a normal float
+  const int E = max(int(__float_as_uint(mx) >> 23), 40);
+  if (lane == 0) v.q4scale[G] = E >= 255 ? __uint_as_float(0x7fc00000u) : __uint_as_float(uint32_t(E - 5) << 23);
+  uint8_t* frag = reinterpret_cast<uint8_t*>(const_cast<uint4*>(v.q4frag));
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int c = 64 * G + 32 * h + lane;
+    float r = h ? v1 : v0;
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      // r * 2^7p / S and q * S / 2^7p are exact, and so is their difference
+      const float q = rintf(r * __uint_as_float(uint32_t(259 - E + 7 * p) << 23));
+      r -= q * __uint_as_float(uint32_t(E - 5 - 7 * p) << 23);
+      frag[q4_frag_byte(c, p)] = uint8_t(int8_t(int(q)));
+    }
+  }
+}
+
+__device__ __forceinline__ void mma_u8s8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                         uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// One lane's loads of one (tile, step) of N same-shaped q4 matrices: rows g and g + 8 (h = 0, 1),
+// with the scale and bias of its group (the bias on even lanes only: one per group and row).
+template <int N>
+struct Q4Stage {
+  uint4 w[N][2];
+  uint16_t sc[N][2], bi[N][2];
+
+  __device__ __forceinline__ void issue(const DevMat* m, int row, int r1, int step, int t) {
+    const int groups = m[0].cols / 64, G = 2 * step + (t >> 1);
+#pragma unroll
+    for (int n = 0; n < N; ++n)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = row + 8 * h;
+        const bool ok = r < r1 && G < groups;
+        const size_t gi = size_t(r) * groups + G;
+        w[n][h] = ok ? load_stream(reinterpret_cast<const uint4*>(m[n].data) + size_t(r) * (m[0].cols / 32) + 4 * step + t)
+                     : make_uint4(0, 0, 0, 0);
+        sc[n][h] = ok ? m[n].scales[gi] : uint16_t(0);
+        bi[n][h] = ok && !(t & 1) ? m[n].biases[gi] : uint16_t(0);
+      }
+  }
+
+  __device__ __forceinline__ void consume(int step, int groups, int t, bool b_on, int p, const VecSmem& v,
+                                          float (&acc)[N][2]) const {
+    const uint4* fr = v.q4frag + ((step * 4 + t) * 4 + p) * 2;
+    const uint4 b01 = b_on ? fr[0] : make_uint4(0, 0, 0, 0), b23 = b_on ? fr[1] : make_uint4(0, 0, 0, 0);
+    const uint32_t b[8] = {b01.x, b01.y, b01.z, b01.w, b23.x, b23.y, b23.z, b23.w};
+    int d[N][4] = {};
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int n = 0; n < N; ++n) {
+        const uint32_t lo = word(w[n][0], i), hi = word(w[n][1], i);
+        mma_u8s8(d[n], lo & 0x0F0F0F0Fu, hi & 0x0F0F0F0Fu, (lo >> 4) & 0x0F0F0F0Fu, (hi >> 4) & 0x0F0F0F0Fu, b[2 * i],
+                 b[2 * i + 1]);
+      }
+    const int G = 2 * step + (t >> 1);
+    const bool ok = G < groups;
+    const float S = ok ? v.q4scale[G] : 0.0f;
+    const float f0 = S * (t & 1 ? 0x1p-14f : 1.0f), f1 = S * (t & 1 ? 0x1p-21f : 0x1p-7f);
+    const float gs = ok && !(t & 1) ? v.gsum[G] : 0.0f;
+#pragma unroll
+    for (int n = 0; n < N; ++n)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float dot = fmaf(float(d[n][2 * h]), f0, float(d[n][2 * h + 1]) * f1);
+        acc[n][h] = fmaf(bf16f(sc[n][h]), dot, acc[n][h]);
+        acc[n][h] = fmaf(bf16f(bi[n][h]), gs, acc[n][h]);
+      }
+  }
+};
+
+// Rows [r0, r1) of N same-shaped q4 matrices times the block's x (see above); r1 - r0 at most
+// kMaxPartials / (N q4_slices(cols)). All threads call it; ready() builds x and its parts (after
+// each warp's first loads are issued); emit(row, dots...) runs once per row.
+template <int N, class Ready, class Emit>
+__device__ __forceinline__ void rows_dot_q4(const DevMat* m, int r0, int r1, const VecSmem& v, Ready&& ready,
+                                            Emit&& emit) {
+  constexpr int D = N == 1 ? 4 : 2;  // stages in the ring: D - 1 in flight while one is consumed
+  const int warp = int(threadIdx.x) >> 5, lane = int(threadIdx.x) & 31, g = lane >> 2, t = lane & 3;
+  const int cols = m[0].cols, groups = cols / 64, steps = q4_steps(cols);
+  const int slices = q4_slices(cols), slots = kWarps / slices;
+  const int slice = warp % slices, slot = warp / slices;
+  const int per = (steps + slices - 1) / slices, s0 = min(steps, slice * per), s1 = min(steps, s0 + per);
+  const int rows = r1 - r0, tiles = (rows + 15) / 16;
+  const int my_tiles = slot < slots && tiles > slot ? (tiles - slot + slots - 1) / slots : 0;
+  const int n = my_tiles * (s1 - s0);
+  int it = slot, is = s0;  // the next stage to issue
+  auto issue = [&](Q4Stage<N>& st) {
+    st.issue(m, r0 + 16 * it + g, r1, is, t);
+    if (++is == s1) is = s0, it += slots;
+  };
+  Q4Stage<N> ring[D];
+#pragma unroll
+  for (int j = 0; j < D - 1; ++j)
+    if (j < n) issue(ring[j]);
+  ready();
+  const int p = g & 3;
+  const bool b_on = (g >> 2) == (t >> 1);
+  float acc[N][2] = {};
+  int ct = slot, cs = s0;  // the stage being consumed
+  for (int k0 = 0; k0 < n; k0 += D) {
+#pragma unroll
+    for (int j = 0; j < D; ++j) {
+      if (k0 + j >= n) break;
+      if (k0 + j + D - 1 < n) issue(ring[(j + D - 1) % D]);
+      ring[j].consume(cs, groups, t, b_on, p, v, acc);
+      if (++cs == s1) {  // the tile's slice is done: lane t = 0 adds the four lanes' sums
+#pragma unroll
+        for (int q = 0; q < N; ++q)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            float s = acc[q][h] + __shfl_xor_sync(0xffffffffu, acc[q][h], 1);
+            s += __shfl_xor_sync(0xffffffffu, s, 2);
+            const int r = 16 * ct + g + 8 * h;
+            if (t == 0 && r < rows) v.partial[(q * slices + slice) * rows + r] = s;
+            acc[q][h] = 0.0f;
+          }
+        cs = s0, ct += slots;
+      }
+    }
+  }
+  __syncthreads();
+  for (int r = int(threadIdx.x); r < rows; r += int(blockDim.x)) {
+    float sum[N];
+#pragma unroll
+    for (int q = 0; q < N; ++q) {
+      sum[q] = 0.0f;
+      for (int s = 0; s < slices; ++s) sum[q] += v.partial[(q * slices + s) * rows + r];
+    }
+    if constexpr (N == 1)
+      emit(r0 + r, sum[0]);
+    else
+      emit(r0 + r, sum[0], sum[1]);
+  }
+}
+
 // Rows [r0, r1) of N same-shaped matrices times the block's x, as tiles of rt rows per segment of
 // lpr lanes (a whole warp for rows of 32+ chunks, else several rows side by side). Worker w of
 // `workers` (one warp each) takes tiles w, w+workers, ...; ready() builds x (all threads call it
 // once, after their first weight loads are issued); emit(row, dots...) runs on one lane per row.
+// q4 matrices take the tensor-core path (rows_dot_q4; rt, worker and workers do not apply).
 template <int N, class Ready, class Emit>
 __device__ __forceinline__ void rows_dot(const DevMat* m, int rt, int r0, int r1, int worker, int workers,
-                                         const float* xs, const float* gsum, Ready&& ready, Emit&& emit) {
-  if (rt == 4)
-    rows_dot_rt<N, 4>(m, r0, r1, worker, workers, xs, gsum, ready, emit);
+                                         const VecSmem& v, Ready&& ready, Emit&& emit) {
+  if (m[0].bits == 4)
+    rows_dot_q4<N>(m, r0, r1, v, ready, emit);
+  else if (rt == 4)
+    rows_dot_rt<N, 4>(m, r0, r1, worker, workers, v.xs, v.gsum, ready, emit);
   else if (rt == 2)
-    rows_dot_rt<N, 2>(m, r0, r1, worker, workers, xs, gsum, ready, emit);
+    rows_dot_rt<N, 2>(m, r0, r1, worker, workers, v.xs, v.gsum, ready, emit);
   else
-    rows_dot_rt<N, 1>(m, r0, r1, worker, workers, xs, gsum, ready, emit);
+    rows_dot_rt<N, 1>(m, r0, r1, worker, workers, v.xs, v.gsum, ready, emit);
 }
-
-// Shared memory of one input vector: x (swizzled, padded to 32), group sums, reduction space.
-__host__ __device__ inline size_t vector_floats(int cols) { return size_t(padded_cols(cols)) + cols / 64 + 4; }
 
 // float4s of the prologue's inputs each thread loads before using any: one L2 round trip per
 // kXBatch * kThreads * 4 columns (4096 at 256 threads) instead of one per element.
@@ -222,11 +417,11 @@ __device__ __forceinline__ float4 operator*(float4 a, float s) { return {a.x * s
 __device__ __forceinline__ float sum_sq(float4 v) { return v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w; }
 __device__ __forceinline__ float4 silu4(float4 v) { return {silu(v.x), silu(v.y), silu(v.z), silu(v.w)}; }
 
-// Builds the block's x and group sums from the prologue; every thread of the block takes part.
-// red: kWarps floats, then kMaxHeads head sums, then cols/4 squares (GatedNorm). The inputs are
-// read as float4s: weights.bin tensors start 64-byte aligned and activations are whole buffers
-// (or rows of a multiple of 4 floats).
-__device__ void load_x(const PrologueArgs& p, int cols, float* xs, float* gsum, float* red) {
+// Builds the block's x and group sums from the prologue, and x's int8 parts for the q4 path when
+// `q4`; every thread of the block takes part. The inputs are read as float4s: weights.bin tensors
+// start 64-byte aligned and activations are whole buffers (or rows of a multiple of 4 floats).
+__device__ void load_x(const PrologueArgs& p, int cols, const VecSmem& vs, bool q4) {
+  float *xs = vs.xs, *gsum = vs.gsum, *red = vs.red;
   const int tid = threadIdx.x, nt = blockDim.x, warp = tid >> 5, lane = tid & 31, nw = nt >> 5;
   const int n4 = cols / 4, hd4 = p.head_dim / 4;
   const float4* src = reinterpret_cast<const float4*>(p.src);
@@ -282,9 +477,10 @@ __device__ void load_x(const PrologueArgs& p, int cols, float* xs, float* gsum, 
   }
   __syncthreads();
   for (int g = warp; g < cols / 64; g += nw) {
-    float s = xs[xpos(g * 64 + lane)] + xs[xpos(g * 64 + 32 + lane)];
-    s = warp_sum(s);
+    const float v0 = xs[xpos(g * 64 + lane)], v1 = xs[xpos(g * 64 + 32 + lane)];
+    const float s = warp_sum(v0 + v1);
     if (lane == 0) gsum[g] = s;
+    if (q4) q4_split_group(g, v0, v1, vs);
   }
   __syncthreads();
 }
@@ -313,11 +509,19 @@ int plan_launch(const DevMat* m, int njobs, int n, int sms, Tiling* tiles, int* 
   const int64_t slots = int64_t(sms) * kBlocksPerSm;
   if (njobs > kMaxExperts) throw std::logic_error("plan_launch: more than kMaxExperts matrices");
   const int rt_max = kLoads / n;
-  int unit[kMaxExperts];         // rows of one tile per warp at rt = 1
+  int unit[kMaxExperts];         // rows of one tile per warp at rt = 1 (q4: one 16-row tile per slot)
+  int max_units[kMaxExperts];    // q4: the slices' partial sums fit kMaxPartials
   double row_bits[kMaxExperts];  // weight bits of one row
   double lightest = INFINITY;
   for (int j = 0; j < njobs; ++j) {
-    unit[j] = kWarps * (32 / lanes_per_row(m[j].cols, m[j].bits));
+    if (m[j].bits == 4) {
+      const int slices = q4_slices(m[j].cols);
+      unit[j] = 16 * (kWarps / slices);
+      max_units[j] = std::max(1, kMaxPartials / (n * slices) / unit[j]);
+    } else {
+      unit[j] = kWarps * (32 / lanes_per_row(m[j].cols, m[j].bits));
+      max_units[j] = INT_MAX;
+    }
     row_bits[j] = double(m[j].cols) * m[j].bits;
     lightest = std::min(lightest, unit[j] * row_bits[j]);
   }
@@ -326,14 +530,15 @@ int plan_launch(const DevMat* m, int njobs, int n, int sms, Tiling* tiles, int* 
   for (double target = lightest;; target *= 1.08) {
     int64_t blocks = 0;
     double heaviest = 0;
-    bool whole = true;  // every job one block: heavier targets change nothing
+    bool whole = true;  // every job one block (or its largest): heavier targets change nothing
     for (int j = 0; j < njobs; ++j) {
-      const int units = std::max(1, std::min(int(target / (unit[j] * row_bits[j])), (m[j].rows + unit[j] - 1) / unit[j]));
+      const int units = std::max(1, std::min({int(target / (unit[j] * row_bits[j])), (m[j].rows + unit[j] - 1) / unit[j],
+                                               max_units[j]}));
       t[j].rt = units % 4 == 0 && rt_max >= 4 ? 4 : units % 2 == 0 && rt_max >= 2 ? 2 : 1;
       t[j].rows_per_block = unit[j] * units;
       blocks += (m[j].rows + t[j].rows_per_block - 1) / t[j].rows_per_block;
       heaviest = std::max(heaviest, std::min(t[j].rows_per_block, m[j].rows) * row_bits[j]);
-      whole = whole && t[j].rows_per_block >= m[j].rows;
+      whole = whole && (t[j].rows_per_block >= m[j].rows || units == max_units[j]);
     }
     const int64_t per_sm = (blocks + sms - 1) / sms;
     const double time = heaviest * double(per_sm) / (per_sm > 1 ? 1.5 : 1.0);
@@ -369,17 +574,16 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) matvec_kernel(const __
   const MatvecJob& job = p.jobs[j];
   const int r0 = (int(blockIdx.x) - p.first_block[j]) * p.tiles[j].rows_per_block;
   const int r1 = min(job.m.rows, r0 + p.tiles[j].rows_per_block);
-  float* xs = reinterpret_cast<float*>(smem4);
-  float* gsum = xs + padded_cols(p.cols);
-  float* red = gsum + p.cols / 64 + 4;
+  VecSmem vs;
+  vec_smem_floats(p.cols, &vs, reinterpret_cast<float*>(smem4));
   float* out = job.out;
   const bool acc = job.accumulate;
   prefetch_l2(p.prefetch);
   rows_dot<1>(
-      &job.m, p.tiles[j].rt, r0, r1, threadIdx.x >> 5, kWarps, xs, gsum,
+      &job.m, p.tiles[j].rt, r0, r1, threadIdx.x >> 5, kWarps, vs,
       [&] {
         pdl_sync();
-        load_x(p.pro, p.cols, xs, gsum, red);
+        load_x(p.pro, p.cols, vs, job.m.bits == 4);
       },
       [&](int r, float v) {
         if (acc)
@@ -607,17 +811,16 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) expert_gate_up_kernel(
   const Tiling t = p.tiles[j];
   const int r0 = (int(blockIdx.x) - p.first_block[j]) * t.rows_per_block;
   const int r1 = min(m[0].rows, r0 + t.rows_per_block);
-  float* xs = reinterpret_cast<float*>(smem4);
-  float* gsum = xs + padded_cols(a.hidden);
-  float* red = gsum + a.hidden / 64 + 4;
+  VecSmem vs;
+  vec_smem_floats(a.hidden, &vs, reinterpret_cast<float*>(smem4));
   PrologueArgs copy;
   copy.src = a.h;
   float* act = a.act + int64_t(k + 1) * a.act_stride;
   rows_dot<2>(
-      m, t.rt, r0, r1, threadIdx.x >> 5, kWarps, xs, gsum,
+      m, t.rt, r0, r1, threadIdx.x >> 5, kWarps, vs,
       [&] {
         if (!routed) pdl_sync();
-        load_x(copy, a.hidden, xs, gsum, red);
+        load_x(copy, a.hidden, vs, m[0].bits == 4);
       },
       [&](int r, float g, float u) { act[r] = silu(g) * u; });
 }
@@ -632,17 +835,16 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) expert_down_kernel(con
   const Tiling t = p.tiles[j];
   const int r0 = (int(blockIdx.x) - p.first_block[j]) * t.rows_per_block;
   const int r1 = min(m.rows, r0 + t.rows_per_block);
-  float* xs = reinterpret_cast<float*>(smem4);
-  float* gsum = xs + padded_cols(m.cols);
-  float* red = gsum + m.cols / 64 + 4;
+  VecSmem vs;
+  vec_smem_floats(m.cols, &vs, reinterpret_cast<float*>(smem4));
   PrologueArgs copy;
   copy.src = a.act + int64_t(k + 1) * a.act_stride;
   float* y = a.y + int64_t(k + 1) * a.hidden;
   rows_dot<1>(
-      &m, t.rt, r0, r1, threadIdx.x >> 5, kWarps, xs, gsum,
+      &m, t.rt, r0, r1, threadIdx.x >> 5, kWarps, vs,
       [&] {
         pdl_sync();  // act is gate/up's output
-        load_x(copy, m.cols, xs, gsum, red);
+        load_x(copy, m.cols, vs, m.bits == 4);
       },
       [&](int r, float v) { y[r] = v; });
 }
@@ -670,9 +872,7 @@ bool g_programmatic = false;
 void set_programmatic_launch(bool on) { g_programmatic = on; }
 bool programmatic_launch() { return g_programmatic; }
 
-size_t matvec_smem_bytes(int cols) {
-  return (vector_floats(cols) + kWarps + kMaxHeads + size_t(cols) / 4) * sizeof(float);
-}
+size_t matvec_smem_bytes(int cols) { return vec_smem_floats(cols) * sizeof(float); }
 
 void set_smem_limits(size_t bytes) {
   const int b = int(bytes);
