@@ -209,7 +209,7 @@ struct VecSmem {
   float* gsum;
   float* red;
   float* q4scale;
-  const uint4* q4frag;
+  uint4* q4frag;
   float* partial;
 };
 __host__ __device__ inline size_t vec_smem_floats(int cols, VecSmem* v = nullptr, float* base = nullptr) {
@@ -217,7 +217,8 @@ __host__ __device__ inline size_t vec_smem_floats(int cols, VecSmem* v = nullptr
   const size_t q4scale = red + kWarps + kMaxHeads + cols / 4;
   const size_t q4frag = (q4scale + cols / 64 + 3) / 4 * 4;
   const size_t partial = q4frag + size_t(q4_steps(cols)) * kQ4FragBytes / 4;
-  if (v) *v = {base + xs, base + gsum, base + red, base + q4scale, reinterpret_cast<const uint4*>(base + q4frag), base + partial};
+  if (v)
+    *v = {base + xs, base + gsum, base + red, base + q4scale, reinterpret_cast<uint4*>(base + q4frag), base + partial};
   return partial + kMaxPartials;
 }
 
@@ -250,7 +251,7 @@ __device__ __forceinline__ void q4_split_group(int G, float v0, float v1, const 
   // so that every part's scale stays a normal float
   const int E = max(int(__float_as_uint(mx) >> 23), 40);
   if (lane == 0) v.q4scale[G] = E >= 255 ? __uint_as_float(0x7fc00000u) : __uint_as_float(uint32_t(E - 5) << 23);
-  uint8_t* frag = reinterpret_cast<uint8_t*>(const_cast<uint4*>(v.q4frag));
+  uint8_t* frag = reinterpret_cast<uint8_t*>(v.q4frag);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int c = 64 * G + 32 * h + lane;
