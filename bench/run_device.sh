@@ -16,7 +16,7 @@ if [[ $WHAT == all || $WHAT == chain ]]; then
   # what one dependency costs with no work in it (launch chains, grid barriers)
   nvcc -O3 -std=c++17 -arch=sm_90 bench/chain_latency.cu -o /tmp/chain_latency && /tmp/chain_latency | tee "$OUT/chain_latency.txt"
   # what holds a block's row loop: the loads in flight or the arithmetic
-  nvcc -O3 -std=c++17 -arch=sm_90 bench/stream_pattern.cu -o /tmp/stream_pattern && /tmp/stream_pattern | tee "$OUT/stream_pattern.txt"
+  nvcc -O3 -std=c++17 -arch=sm_90 -Icsrc bench/stream_pattern.cu -o /tmp/stream_pattern && /tmp/stream_pattern | tee "$OUT/stream_pattern.txt"
   [[ $WHAT == chain ]] && exit "${PIPESTATUS[0]}"
 fi
 t0=$(date +%s)

@@ -4,7 +4,7 @@
 // loads only, loads with an fp32 dequantise-and-FMA loop (the CUDA backend's q4 loop before the
 // tensor-core path), and the loads alone on a 16 MB matrix that stays in L2. A device copy in the
 // same run is the ceiling. H200: bench/results/stream_pattern_h200.txt, docs/cuda.md.
-//   nvcc -O3 -std=c++17 -arch=sm_90 bench/stream_pattern.cu -o /tmp/stream_pattern && /tmp/stream_pattern
+//   nvcc -O3 -std=c++17 -arch=sm_90 -Icsrc bench/stream_pattern.cu -o /tmp/stream_pattern && /tmp/stream_pattern
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -13,27 +13,15 @@
 #include <cstdlib>
 #include <vector>
 
-#define CHECK(call)                                                            \
-  do {                                                                         \
-    const cudaError_t err = (call);                                            \
-    if (err != cudaSuccess) {                                                  \
-      std::fprintf(stderr, "%s failed: %s\n", #call, cudaGetErrorString(err)); \
-      std::exit(1);                                                            \
-    }                                                                          \
-  } while (0)
+#include "cuda/device_util.cuh"
+#include "cuda_check.cuh"
+
+using fm::cuda::load_stream;
+using fm::cuda::qf;
 
 constexpr int kThreads = 256, kWarps = kThreads / 32;
 constexpr int kCols = 2048, kChunks = kCols / 32;  // 16-byte chunks of 32 q4 weights per row
 constexpr int kRt = 4;                              // rows per group, one chunk of each per lane
-
-__device__ __forceinline__ uint4 load_stream(const uint4* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-__device__ __forceinline__ float qf(uint32_t q) { return __uint_as_float(0x4B000000u | q) - 8388608.0f; }
 
 // Group k of a warp: rows row0 + 4 (k / halves) .. + 3, chunk lane + 32 (k % halves).
 struct Group {
