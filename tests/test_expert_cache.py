@@ -5,7 +5,6 @@ that come back than least-recently-used would."""
 from __future__ import annotations
 
 import functools
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from flashmoe_native import _core
 from flashmoe_native.bundled import default_model_path
+from flashmoe_native.cache_sim import lru_hit_rate
 from flashmoe_native.perplexity import text_tokens
 
 SOURCE = Path(__file__).resolve().parents[1] / "models" / "tiny-stdlib-moe"
@@ -51,22 +51,6 @@ def policy_hit_rate(trace: list[list[int]], num_keys: int, k: int, capacity: int
             lookups += len(layer_keys)
             for key in missed:
                 policy.insert(key)
-    return hits / lookups
-
-
-def lru_hit_rate(trace: list[list[int]], capacity: int) -> float:
-    cache: OrderedDict[int, None] = OrderedDict()
-    hits = lookups = 0
-    for token in trace:
-        for key in token:
-            lookups += 1
-            if key in cache:
-                hits += 1
-                cache.move_to_end(key)
-            else:
-                cache[key] = None
-                if len(cache) > capacity:
-                    cache.popitem(last=False)
     return hits / lookups
 
 

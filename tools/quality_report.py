@@ -24,7 +24,7 @@ import os
 import sys
 import tempfile
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "python"))
 
 from flashmoe_native import Engine, default_model_path  # noqa: E402
+from flashmoe_native.cache_sim import lru_hit_rate  # noqa: E402
 from flashmoe_native.convert import convert  # noqa: E402
 from flashmoe_native.perplexity import PerplexityResult, evaluate, text_tokens  # noqa: E402
 
@@ -84,23 +85,6 @@ def routing(tokens: list[int]) -> list[np.ndarray]:
     return [picks[i] for i in range(len(model.model.layers))]
 
 
-def lru_hit_rate(ids: np.ndarray, slots: int) -> float:
-    """Hits / lookups of an LRU cache of `slots` experts, each token looking up its k experts."""
-    cache: OrderedDict[int, None] = OrderedDict()
-    hits = lookups = 0
-    for row in ids:
-        for e in row.tolist():
-            lookups += 1
-            if e in cache:
-                hits += 1
-                cache.move_to_end(e)
-            else:
-                cache[e] = None
-                if len(cache) > slots:
-                    cache.popitem(last=False)
-    return hits / lookups
-
-
 def routing_stats(per_layer: list[np.ndarray], slots: tuple[int, ...]) -> list[dict[str, Any]]:
     rows = []
     for layer, ids in enumerate(per_layer):
@@ -115,7 +99,7 @@ def routing_stats(per_layer: list[np.ndarray], slots: tuple[int, ...]) -> list[d
                 "distinct": len(counts),
                 "overlap": float(overlap),
                 "top8_share": top8,
-                "lru": {s: lru_hit_rate(ids, s) for s in slots},
+                "lru": {s: lru_hit_rate(ids.tolist(), s) for s in slots},
             }
         )
     return rows
