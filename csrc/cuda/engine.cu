@@ -472,6 +472,9 @@ void CudaEngine::allocate_state() {
   h_tiles_.alloc(max_tiles_);
 
   const int widest = std::max({H, nh * hd, int(vd), I, Is});
+  if (widest > cuda::kMaxCols)
+    throw std::runtime_error("the CUDA backend takes inputs of at most " + std::to_string(cuda::kMaxCols) +
+                             " columns; this model has " + std::to_string(widest));
   const size_t smem = cuda::matvec_smem_bytes(widest);
   if (smem > props_.sharedMemPerBlockOptin)
     throw std::runtime_error("model too wide for this GPU's shared memory (" + std::to_string(smem) + " bytes)");

@@ -30,7 +30,6 @@ __host__ __device__ inline int lanes_per_row(int cols, int bits) {
 // x lives in shared memory as float4s whose index is XOR-swizzled within each group of 8, so the
 // lanes of a warp reading consecutive 16/32/64-byte chunks of x hit distinct banks.
 __device__ __forceinline__ int swz(int f) { return f ^ ((f >> 3) & 7); }
-__device__ __forceinline__ int xpos(int i) { return swz(i >> 2) * 4 + (i & 3); }
 
 // Word i (of 4) of a 16-byte chunk of a row times its x values (x: 2, 1 or 1 float4s for q4, q8,
 // bf16; bf16 words use half of it): a and b take alternate weights. A chunk's dot is the sum of
@@ -196,9 +195,8 @@ __device__ __forceinline__ void rows_dot_rt(const DevMat* m, int r0, int r1, int
 }
 
 // Shared memory of a matvec-style block for an input of `cols` columns (offsets in floats): x
-// (swizzled, padded to 32), group sums, reduction space (kWarps floats, kMaxHeads head sums, cols/4
-// squares), then the q4 path's group scales, B fragments (kQ4FragBytes per 128-column step) and the
-// partial sums of its column slices.
+// (swizzled, padded to 32), group sums, reduction space (kWarps floats), then the q4 path's group
+// scales, B fragments (kQ4FragBytes per 128-column step) and the partial sums of its column slices.
 constexpr int kQ4FragBytes = 512;
 constexpr int kMaxPartials = 8192;  // floats of slice partial sums per block
 __host__ __device__ inline int q4_steps(int cols) { return (cols + 127) / 128; }
@@ -214,7 +212,7 @@ struct VecSmem {
 };
 __host__ __device__ inline size_t vec_smem_floats(int cols, VecSmem* v = nullptr, float* base = nullptr) {
   const size_t xs = 0, gsum = xs + padded_cols(cols), red = gsum + cols / 64 + 4;
-  const size_t q4scale = red + kWarps + kMaxHeads + cols / 4;
+  const size_t q4scale = red + kWarps;
   const size_t q4frag = (q4scale + cols / 64 + 3) / 4 * 4;
   const size_t partial = q4frag + size_t(q4_steps(cols)) * kQ4FragBytes / 4;
   if (v)
@@ -243,26 +241,28 @@ __device__ __forceinline__ int q4_frag_byte(int c, int p) {
   return (((step * 4 + t) * 4 + p) * 4 + i) * 8 + (e & 1) * 4 + (e >> 1);
 }
 
-// Group G's scale and parts of v0 = x[64 G + lane], v1 = x[64 G + 32 + lane], by one warp.
-__device__ __forceinline__ void q4_split_group(int G, float v0, float v1, const VecSmem& v) {
-  const int lane = int(threadIdx.x) & 31;
-  const float mx = warp_max(fmaxf(fabsf(v0), fabsf(v1)));
+// The scale and parts of x[8 c .. 8 c + 8) (v) for the q4 path; the 8 lanes of a 64-column group
+// call it together (mx: the group's largest |x|).
+__device__ __forceinline__ void q4_split_chunk(int c, const float (&v)[8], float mx, const VecSmem& vs) {
   // mx = f 2^e, f in [0.5, 1): S = 2^(e - 6) keeps |x| / S < 64; the exponent field E is floored
   // so that every part's scale stays a normal float
   const int E = max(int(__float_as_uint(mx) >> 23), 40);
-  if (lane == 0) v.q4scale[G] = E >= 255 ? __uint_as_float(0x7fc00000u) : __uint_as_float(uint32_t(E - 5) << 23);
-  uint8_t* frag = reinterpret_cast<uint8_t*>(v.q4frag);
+  if (c % 8 == 0) vs.q4scale[c / 8] = E >= 255 ? __uint_as_float(0x7fc00000u) : __uint_as_float(uint32_t(E - 5) << 23);
+  float r[8];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int c = 64 * G + 32 * h + lane;
-    float r = h ? v1 : v0;
+  for (int e = 0; e < 8; ++e) r[e] = v[e];
+  uint8_t* frag = reinterpret_cast<uint8_t*>(vs.q4frag);
 #pragma unroll
-    for (int p = 0; p < 4; ++p) {
+  for (int p = 0; p < 4; ++p) {
+    uint32_t word[2] = {0, 0};  // the chunk's even and odd columns (q4_frag_byte)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
       // r * 2^7p / S and q * S / 2^7p are exact, and so is their difference
-      const float q = rintf(r * __uint_as_float(uint32_t(259 - E + 7 * p) << 23));
-      r -= q * __uint_as_float(uint32_t(E - 5 - 7 * p) << 23);
-      frag[q4_frag_byte(c, p)] = uint8_t(int8_t(int(q)));
+      const float q = rintf(r[e] * __uint_as_float(uint32_t(259 - E + 7 * p) << 23));
+      r[e] -= q * __uint_as_float(uint32_t(E - 5 - 7 * p) << 23);
+      word[e & 1] |= uint32_t(uint8_t(int8_t(int(q)))) << (8 * (e >> 1));
     }
+    *reinterpret_cast<uint2*>(frag + q4_frag_byte(8 * c, p)) = make_uint2(word[0], word[1]);
   }
 }
 
@@ -409,81 +409,106 @@ __device__ __forceinline__ void rows_dot(const DevMat* m, int rt, int r0, int r1
     rows_dot_rt<N, 1>(m, r0, r1, worker, workers, v.xs, v.gsum, ready, emit);
 }
 
-// float4s of the prologue's inputs each thread loads before using any: one L2 round trip per
-// kXBatch * kThreads * 4 columns (4096 at 256 threads) instead of one per element.
-constexpr int kXBatch = 4;
+__device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
 
-__device__ __forceinline__ float4 operator*(float4 a, float4 b) { return {a.x * b.x, a.y * b.y, a.z * b.z, a.w * b.w}; }
-__device__ __forceinline__ float4 operator*(float4 a, float s) { return {a.x * s, a.y * s, a.z * s, a.w * s}; }
-__device__ __forceinline__ float sum_sq(float4 v) { return v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w; }
-__device__ __forceinline__ float4 silu4(float4 v) { return {silu(v.x), silu(v.y), silu(v.z), silu(v.w)}; }
-
-// Builds the block's x and group sums from the prologue, and x's int8 parts for the q4 path when
-// `q4`; every thread of the block takes part. The inputs are read as float4s: weights.bin tensors
-// start 64-byte aligned and activations are whole buffers (or rows of a multiple of 4 floats).
-__device__ void load_x(const PrologueArgs& p, int cols, const VecSmem& vs, bool q4) {
-  float *xs = vs.xs, *gsum = vs.gsum, *red = vs.red;
-  const int tid = threadIdx.x, nt = blockDim.x, warp = tid >> 5, lane = tid & 31, nw = nt >> 5;
-  const int n4 = cols / 4, hd4 = p.head_dim / 4;
-  const float4* src = reinterpret_cast<const float4*>(p.src);
-  const float4* w4 = reinterpret_cast<const float4*>(p.w);
-  const float4* z4 = reinterpret_cast<const float4*>(p.z);
-  float4* x4 = reinterpret_cast<float4*>(xs);
-  float* head_ss = red + nw;
-  float* sq = head_ss + kMaxHeads;
+// Builds the block's x, its group sums and, when `q4`, its int8 parts, for inputs of up to
+// CH * 8 * kThreads columns; every thread of the block takes part. Thread t holds chunks t,
+// t + kThreads, ... (8 columns each) in registers, so a 64-column group is 8 neighbouring lanes
+// and a head of the gated norm head_dim / 8 of them: group and head sums are shuffles, and only
+// the RMSNorm's block sum and the final barrier synchronise the block. Every input load is issued
+// before any is used. The inputs are read as float4s: weights.bin tensors start 64-byte aligned
+// and activations are whole buffers.
+template <int CH>
+__device__ void load_x_chunks(const PrologueArgs& p, int cols, const VecSmem& vs, bool q4) {
+  constexpr int B = CH < 2 ? CH : 2;  // chunks whose loads are in flight together (registers)
+  const int tid = int(threadIdx.x), nc = cols / 8;
+  float v[CH][8];
   float ss = 0.0f;
-  // x = src, src * (1 + w) (Norm: the block's scalar norm comes after) or src * w * silu(z)
-  for (int base = tid; base < n4; base += nt * kXBatch) {
-    float4 v[kXBatch], w[kXBatch], z[kXBatch];
 #pragma unroll
-    for (int j = 0; j < kXBatch; ++j) {
-      const int f = base + j * nt;
-      if (f >= n4) break;
-      v[j] = src[f];
-      if (p.kind == Prologue::Norm) w[j] = w4[f];
-      if (p.kind == Prologue::GatedNorm) w[j] = w4[f % hd4], z[j] = z4[f];
+  for (int i0 = 0; i0 < CH; i0 += B) {
+    float w[B][8], z[B][8];
+#pragma unroll
+    for (int i = i0; i < i0 + B; ++i) {
+      const int c = tid + i * kThreads;
+      if (c >= nc) break;
+      load8(p.src + 8 * c, v[i]);
+      if (p.kind == Prologue::Norm) load8(p.w + 8 * c, w[i - i0]);
+      if (p.kind == Prologue::GatedNorm) load8(p.w + 8 * c % p.head_dim, w[i - i0]), load8(p.z + 8 * c, z[i - i0]);
     }
 #pragma unroll
-    for (int j = 0; j < kXBatch; ++j) {
-      const int f = base + j * nt;
-      if (f >= n4) break;
-      if (p.kind == Prologue::Copy) {
-        x4[swz(f)] = v[j];
-      } else if (p.kind == Prologue::Norm) {
-        ss += sum_sq(v[j]);
-        x4[swz(f)] = v[j] * float4{1.0f + w[j].x, 1.0f + w[j].y, 1.0f + w[j].z, 1.0f + w[j].w};
-      } else {
-        sq[f] = sum_sq(v[j]);
-        x4[swz(f)] = v[j] * w[j] * silu4(z[j]);
+    for (int i = i0; i < i0 + B; ++i) {
+      if (i * kThreads >= nc) break;  // block-uniform: every lane of a warp takes the shuffles
+      const bool ok = tid + i * kThreads < nc;
+      float sq = 0.0f;
+      if (ok)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) sq += v[i][e] * v[i][e];
+      if (p.kind == Prologue::Norm) {
+        ss += sq;
+        if (ok)
+#pragma unroll
+          for (int e = 0; e < 8; ++e) v[i][e] *= 1.0f + w[i - i0][e];
+      } else if (p.kind == Prologue::GatedNorm) {
+        for (int off = 1; off < p.head_dim / 8; off <<= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
+        const float inv = 1.0f / sqrtf(sq / float(p.head_dim) + p.eps);
+        if (ok)
+#pragma unroll
+          for (int e = 0; e < 8; ++e) v[i][e] = v[i][e] * inv * w[i - i0][e] * silu(z[i - i0][e]);
       }
     }
   }
   if (p.kind == Prologue::Norm) {
-    const float inv = 1.0f / sqrtf(block_sum(ss, red) / float(cols) + p.eps);
-    for (int f = tid; f < n4; f += nt) {
-      const float4 v = x4[swz(f)] * inv;
-      x4[swz(f)] = v;
-      if (p.norm_out && blockIdx.x == 0) reinterpret_cast<float4*>(p.norm_out)[f] = v;
+    const float inv = 1.0f / sqrtf(block_sum(ss, vs.red) / float(cols) + p.eps);
+#pragma unroll
+    for (int i = 0; i < CH; ++i) {
+      const int c = tid + i * kThreads;
+      if (c >= nc) break;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[i][e] *= inv;
+      if (p.norm_out && blockIdx.x == 0) {
+        float4* o = reinterpret_cast<float4*>(p.norm_out + 8 * c);
+        o[0] = {v[i][0], v[i][1], v[i][2], v[i][3]};
+        o[1] = {v[i][4], v[i][5], v[i][6], v[i][7]};
+      }
     }
-  } else if (p.kind == Prologue::GatedNorm) {
-    __syncthreads();
-    for (int h = warp; h < n4 / hd4; h += nw) {
-      float s = 0.0f;
-      for (int i = lane; i < hd4; i += 32) s += sq[h * hd4 + i];
-      s = warp_sum(s);
-      if (lane == 0) head_ss[h] = 1.0f / sqrtf(s / float(p.head_dim) + p.eps);
+  }
+  float4* x4 = reinterpret_cast<float4*>(vs.xs);
+#pragma unroll
+  for (int i = 0; i < CH; ++i) {
+    if (i * kThreads >= nc) break;
+    const int c = tid + i * kThreads;
+    const bool ok = c < nc;
+    float sum = 0.0f, mx = 0.0f;
+    if (ok)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sum += v[i][e], mx = fmaxf(mx, fabsf(v[i][e]));
+    for (int off = 1; off < 8; off <<= 1) {
+      sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
     }
-    __syncthreads();
-    for (int f = tid; f < n4; f += nt) x4[swz(f)] = x4[swz(f)] * head_ss[f / hd4];
+    if (!ok) continue;
+    if (c % 8 == 0 && c / 8 < cols / 64) vs.gsum[c / 8] = sum;
+    if (q4) {
+      q4_split_chunk(c, v[i], mx, vs);
+    } else {
+      x4[swz(2 * c)] = {v[i][0], v[i][1], v[i][2], v[i][3]};
+      x4[swz(2 * c + 1)] = {v[i][4], v[i][5], v[i][6], v[i][7]};
+    }
   }
   __syncthreads();
-  for (int g = warp; g < cols / 64; g += nw) {
-    const float v0 = xs[xpos(g * 64 + lane)], v1 = xs[xpos(g * 64 + 32 + lane)];
-    const float s = warp_sum(v0 + v1);
-    if (lane == 0) gsum[g] = s;
-    if (q4) q4_split_group(g, v0, v1, vs);
-  }
-  __syncthreads();
+}
+
+// load_x_chunks with the fewest chunks per thread that hold `cols` (at most kMaxCols).
+__device__ __forceinline__ void load_x(const PrologueArgs& p, int cols, const VecSmem& vs, bool q4) {
+  if (cols <= 8 * kThreads)
+    load_x_chunks<1>(p, cols, vs, q4);
+  else if (cols <= 16 * kThreads)
+    load_x_chunks<2>(p, cols, vs, q4);
+  else
+    load_x_chunks<kMaxCols / (8 * kThreads)>(p, cols, vs, q4);
 }
 
 // Blocks of the matvec-style kernels resident per SM (their launch bounds, 128 registers); a
@@ -896,9 +921,11 @@ void Prefetch::add(const DevMat& m) {
 void matvec(cudaStream_t s, const PrologueArgs& pro, int cols, const MatvecJob* jobs, int njobs, int sms,
             const TopkTail* tail, const Prefetch* prefetch) {
   if (njobs < 1 || njobs > kMaxJobs) throw std::logic_error("matvec: 1..kMaxJobs jobs per launch");
+  if (cols > kMaxCols) throw std::invalid_argument("CUDA matvec inputs are at most kMaxCols (8192) wide");
+  const int hd8 = pro.head_dim / 8;
   if (pro.kind == Prologue::GatedNorm &&
-      (pro.head_dim <= 0 || pro.head_dim % 4 || cols % pro.head_dim || cols / pro.head_dim > kMaxHeads))
-    throw std::invalid_argument("gated norm: head_dim a multiple of 4, cols a multiple of head_dim, at most 128 heads");
+      (pro.head_dim % 8 || hd8 < 1 || hd8 > 32 || (hd8 & (hd8 - 1)) || cols % pro.head_dim))
+    throw std::invalid_argument("gated norm: head_dim 8 times a power of two up to 256, cols a multiple of it");
   MatvecParams p;
   p.pro = pro;
   p.cols = cols;

@@ -20,7 +20,7 @@ constexpr int kRowTile = 4;        // rows a lane segment computes per x chunk i
 constexpr int kMaxJobs = 4;        // matrices sharing one input vector in one launch
 constexpr int kMaxExperts = 33;    // routed experts per token (32) + the shared expert
 constexpr int kAttnSplits = 16;    // KV positions are split this many ways (flash-decoding)
-constexpr int kMaxHeads = 128;     // heads a gated-norm prologue reduces over
+constexpr int kMaxCols = 8192;     // input width of a matvec-style launch (x held in registers)
 constexpr int kMaxDeltaKeyDim = 128;  // DeltaNet key head dim held in registers (8 warps x 16)
 
 // Step inputs the kernels read instead of taking them as launch arguments (graph replay).
