@@ -709,9 +709,38 @@ __global__ void attn_combine_kernel(AttnArgs a) {
   }
 }
 
-// Block (value head j, 32 value columns): conv + SiLU of the q/k of its key head and of its v
-// columns, L2 norms, gates, then the state columns: S = e^g S; S += k (beta (v - S^T k))^T;
-// o = S^T q. Warp w holds state rows w, w+8, ... in registers between the two passes.
+// One conv channel of the DeltaNet: its taps and the K - 1 previous inputs, loaded before the wait
+// (weights, and what this kernel wrote a token ago), then the input of this position.
+struct ConvChannel {
+  float w[kMaxConvKernel - 1], past[kMaxConvKernel - 1], w_now;  // taps of the past inputs and of x
+  int chan;
+  __device__ __forceinline__ void load_past(const DeltaArgs& a, int channel, int64_t pos, int ch) {
+    const int K = a.kernel;
+    chan = channel;
+    w_now = a.conv_w[int64_t(chan) * K + K - 1];
+#pragma unroll
+    for (int t = 0; t < kMaxConvKernel - 1; ++t) {
+      if (t >= K - 1) break;
+      const int64_t p = pos - (K - 1) + t;  // the input of position p sits in slot p mod K (0 before p=0)
+      w[t] = a.conv_w[int64_t(chan) * K + t];
+      past[t] = a.conv_ring[int64_t(((p % K) + K) % K) * ch + chan];
+    }
+  }
+  // silu(conv) given this position's input x
+  __device__ __forceinline__ float out(int K, float x) const {
+    float acc = w_now * x;
+#pragma unroll
+    for (int t = 0; t < kMaxConvKernel - 1; ++t)
+      if (t < K - 1) acc += w[t] * past[t];
+    return silu(acc);
+  }
+};
+
+// Block (value head j, 32 value columns): conv + SiLU of the q/k of its key head (thread c < 2 dk:
+// channel c) and of its v columns (warp 0), L2 norms, gates, then the state columns: S = e^g S;
+// S += k (beta (v - S^T k))^T; o = S^T q. Warp w holds state rows w, w+8, ... in registers between
+// the two passes. Everything that does not depend on in_proj is loaded before the wait, and what
+// does (the channels' inputs, b, a) is requested at once after it.
 __global__ void __launch_bounds__(kDeltaWarps * 32) deltanet_kernel(DeltaArgs a) {
   extern __shared__ float sh[];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -720,8 +749,6 @@ __global__ void __launch_bounds__(kDeltaWarps * 32) deltanet_kernel(DeltaArgs a)
   const int kd = a.nk * dk, ch = 2 * kd + a.nv * dv, ratio = a.nv / a.nk, kh = j / ratio;
   const int64_t pos = a.step->pos;
   const int cur = int(pos % K);
-  // the state columns first (this kernel wrote them a token ago, so before the wait): their loads
-  // fly while in_proj finishes and the conv and norms are computed
   const int b = cb + lane;
   const bool col_ok = b < dv;
   float* S = a.state + int64_t(j) * dk * dv;
@@ -731,41 +758,35 @@ __global__ void __launch_bounds__(kDeltaWarps * 32) deltanet_kernel(DeltaArgs a)
     const int r = warp + kDeltaWarps * i;
     s[i] = r < dk && col_ok ? S[int64_t(r) * dv + b] : 0.0f;
   }
+  const bool has_qk = tid < 2 * dk, has_v = warp == 0 && col_ok;
+  ConvChannel cq, cv;
+  if (has_qk) cq.load_past(a, tid < dk ? kh * dk + tid : kd + kh * dk + (tid - dk), pos, ch);
+  if (has_v) cv.load_past(a, 2 * kd + j * dv + b, pos, ch);
+  const float a_log = a.a_log[j], dt_bias = a.dt_bias[j];
   pdl_sync();
-  float* qk = sh;           // [2*dk]: q then k of key head kh
+  const float xq = has_qk ? a.mixed[cq.chan] : 0.0f, xv = has_v ? a.mixed[cv.chan] : 0.0f;
+  const float gb = a.b[j], ga = a.a[j];
+  float* qk = sh;           // [2*dk]: q then k of key head kh, normalised
   float* vs = qk + 2 * dk;  // [32]
   float* red = vs + 32;     // [2 * kDeltaWarps * 32]
-  auto conv = [&](int chan) {
-    float acc = a.conv_w[int64_t(chan) * K + K - 1] * a.mixed[chan];
-    for (int t = 0; t < K - 1; ++t) {
-      const int64_t p = pos - (K - 1) + t;  // the input of position p sits in slot p mod K (0 before p=0)
-      const int slot = int(((p % K) + K) % K);
-      acc += a.conv_w[int64_t(chan) * K + t] * a.conv_ring[int64_t(slot) * ch + chan];
-    }
-    return silu(acc);
-  };
-  auto qk_chan = [&](int c) { return c < dk ? kh * dk + c : kd + kh * dk + (c - dk); };
-  for (int c = tid; c < 2 * dk; c += blockDim.x) qk[c] = conv(qk_chan(c));
-  if (warp == 0 && col_ok) vs[lane] = conv(2 * kd + j * dv + cb + lane);
+  float2* red2 = reinterpret_cast<float2*>(red + 2 * kDeltaWarps * 32);  // [kDeltaWarps]
   // This position's inputs go to slot `cur`, which no block reads this step. q/k channels are
   // shared by the value heads of a key head: its first one writes them.
-  if (j % ratio == 0 && blockIdx.y == 0)
-    for (int c = tid; c < 2 * dk; c += blockDim.x) a.conv_ring[int64_t(cur) * ch + qk_chan(c)] = a.mixed[qk_chan(c)];
-  if (warp == 0 && col_ok) {
-    const int chan = 2 * kd + j * dv + cb + lane;
-    a.conv_ring[int64_t(cur) * ch + chan] = a.mixed[chan];
+  if (has_qk && j % ratio == 0 && blockIdx.y == 0) a.conv_ring[int64_t(cur) * ch + cq.chan] = xq;
+  if (has_v) {
+    a.conv_ring[int64_t(cur) * ch + cv.chan] = xv;
+    vs[lane] = cv.out(K, xv);
   }
+  const float y = has_qk ? cq.out(K, xq) : 0.0f;
+  float2 sum = {tid < dk ? y * y : 0.0f, tid >= dk ? y * y : 0.0f};  // q and k squares
+  sum.x = warp_sum(sum.x), sum.y = warp_sum(sum.y);
+  if (lane == 0) red2[warp] = sum;
   __syncthreads();
-
-  float sq = 0.0f, sk = 0.0f;
-  for (int c = tid; c < dk; c += blockDim.x) sq += qk[c] * qk[c], sk += qk[dk + c] * qk[dk + c];
-  sq = block_sum(sq, red);
-  sk = block_sum(sk, red);
-  const float iq = 1.0f / sqrtf(sq + 1e-6f) / sqrtf(float(dk));
-  const float ik = 1.0f / sqrtf(sk + 1e-6f);
-  for (int c = tid; c < dk; c += blockDim.x) qk[c] *= iq, qk[dk + c] *= ik;
-  const float beta = sigmoid(a.b[j]);
-  const float decay = expf(-expf(a.a_log[j]) * softplus(a.a[j] + a.dt_bias[j]));
+  sum = {0.0f, 0.0f};
+  for (int w = 0; w < kDeltaWarps; ++w) sum.x += red2[w].x, sum.y += red2[w].y;
+  if (has_qk) qk[tid] = tid < dk ? y / sqrtf(sum.x + 1e-6f) / sqrtf(float(dk)) : y / sqrtf(sum.y + 1e-6f);
+  const float beta = sigmoid(gb);
+  const float decay = expf(-expf(a_log) * softplus(ga + dt_bias));
   __syncthreads();
 
   const float o = delta_rule_step(s, qk + dk, qk, col_ok ? vs[lane] : 0.0f, decay, beta, dk, col_ok, red);
@@ -960,7 +981,9 @@ void attention(cudaStream_t s, const AttnArgs& a) {
 
 void deltanet(cudaStream_t s, const DeltaArgs& a) {
   if (a.dk > kMaxDeltaKeyDim) throw std::invalid_argument("CUDA DeltaNet supports key head dims up to 128");
-  const size_t smem = (2 * size_t(a.dk) + 32 + 2 * kDeltaWarps * 32) * sizeof(float);
+  if (a.kernel < 1 || a.kernel > kMaxConvKernel)
+    throw std::invalid_argument("CUDA DeltaNet supports conv kernels of 1.." + std::to_string(kMaxConvKernel) + " taps");
+  const size_t smem = (2 * size_t(a.dk) + 32 + 2 * kDeltaWarps * 32 + 2 * kDeltaWarps) * sizeof(float);
   launch(deltanet_kernel, dim3(a.nv, (a.dv + 31) / 32), kDeltaWarps * 32, smem, s, a);
 }
 

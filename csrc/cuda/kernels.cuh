@@ -22,6 +22,7 @@ constexpr int kMaxExperts = 33;    // routed experts per token (32) + the shared
 constexpr int kAttnSplits = 16;    // KV positions are split this many ways (flash-decoding)
 constexpr int kMaxCols = 8192;     // input width of a matvec-style launch (x held in registers)
 constexpr int kMaxDeltaKeyDim = 128;  // DeltaNet key head dim held in registers (8 warps x 16)
+constexpr int kMaxConvKernel = 8;     // DeltaNet conv taps held in registers
 
 // Step inputs the kernels read instead of taking them as launch arguments (graph replay).
 struct StepParams {

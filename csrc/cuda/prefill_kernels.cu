@@ -12,7 +12,6 @@ namespace {
 constexpr int kTileCols = 64;     // weight rows (output columns) per tile
 constexpr int kTileK = 32;        // reduction depth per shared-memory stage
 constexpr int kGemmThreads = 256;  // 16 x 16 threads, each 4 x 4 outputs
-constexpr int kMaxConvKernel = 8;
 
 struct TileRows {
   const uint8_t* base;
