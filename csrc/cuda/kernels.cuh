@@ -16,7 +16,6 @@ void check(cudaError_t err, const char* what, const char* file, int line);
 #define FM_CUDA(call) ::fm::cuda::check((call), #call, __FILE__, __LINE__)
 
 constexpr int kThreads = 256;      // threads of every matvec-style block
-constexpr int kRowTile = 4;        // rows a lane segment computes per x chunk it loads (x reuse)
 constexpr int kMaxJobs = 4;        // matrices sharing one input vector in one launch
 constexpr int kMaxExperts = 33;    // routed experts per token (32) + the shared expert
 constexpr int kAttnSplits = 16;    // KV positions are split this many ways (flash-decoding)
