@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call: the launch/barrier latency microbenchmark, then build the package with the CUDA
 # backend, run the CUDA tests (and the parity and prefill suites on device="cuda"), then the
-# benchmarks. Everything lands in $OUT; the table prints last.
-#   bash bench/run_device.sh [chain|tests|probe|bench|all]
+# benchmarks. Everything lands in $OUT; the table prints last. `trace` builds with the in-graph
+# timeline (csrc/cuda/trace.cuh) and summarises one resident decode token.
+#   bash bench/run_device.sh [chain|tests|probe|bench|all|trace]
 set -uo pipefail
 OUT=${OUT:-/tmp/flashmoe-device-out}
 WHAT=${1:-all}
@@ -21,7 +22,8 @@ if [[ $WHAT == all || $WHAT == chain ]]; then
 fi
 t0=$(date +%s)
 # sm_90 only: the H200 is the one GPU here, and it keeps the build short
-CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90" python3 -m pip install --no-build-isolation --no-deps -q . \
+TRACE_ARG=$([[ $WHAT == trace ]] && echo "-DFLASHMOE_CUDA_TRACE=ON")
+CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90 $TRACE_ARG" python3 -m pip install --no-build-isolation --no-deps -q . \
   > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
 python3 -c "import flashmoe_native._core as c; r = c.cuda_unavailable_reason(); print('cuda:', r or 'available')"
@@ -34,7 +36,13 @@ if [[ $WHAT == all || $WHAT == tests ]]; then
   FLASHMOE_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
     tests/test_parity.py tests/test_prefill.py -k "not first_token_reads" -rs 2>&1 | tee "$OUT/tests.log" | tail -40
   status=${PIPESTATUS[0]}
-  echo "tests: exit $status, $(( $(date +%s) - t0 )) s"
+  echo "tests: if [[ $WHAT == trace ]]; then
+  FLASHMOE_CUDA_TRACE="$OUT/trace.bin" timeout 300 python3 bench/cuda_bench.py --work /tmp/fmbench \
+    --out "$OUT" --resident-only 2>&1 | grep "^resident"
+  python3 bench/trace_summary.py "$OUT/trace.bin" --first 54 --count 14 | tee "$OUT/trace.txt"
+  status=${PIPESTATUS[0]}
+fi
+exit $status, $(( $(date +%s) - t0 )) s"
 fi
 if [[ $WHAT == all || $WHAT == probe ]]; then
   # one decode step's kernels under Nsight Compute (skipping the first token's 32 launches)
@@ -53,5 +61,11 @@ if [[ $WHAT == all || $WHAT == bench ]]; then
   timeout 540 python3 bench/cuda_bench.py --work /tmp/fmbench --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" \
     | grep -v "^synthetic" | tail -80
   echo "bench: exit ${PIPESTATUS[0]}, $(( $(date +%s) - t0 )) s"
+fi
+if [[ $WHAT == trace ]]; then
+  FLASHMOE_CUDA_TRACE="$OUT/trace.bin" timeout 300 python3 bench/cuda_bench.py --work /tmp/fmbench \
+    --out "$OUT" --resident-only 2>&1 | grep "^resident"
+  python3 bench/trace_summary.py "$OUT/trace.bin" --first 54 --count 14 | tee "$OUT/trace.txt"
+  status=${PIPESTATUS[0]}
 fi
 exit $status

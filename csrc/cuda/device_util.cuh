@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "cuda/kernels.cuh"
+#include "cuda/trace.cuh"
 
 namespace fm::cuda {
 
@@ -37,6 +38,7 @@ __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+  trace::mark(trace::kWaited);
 }
 __device__ __forceinline__ void pdl_trigger() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

@@ -12,9 +12,12 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include "cuda/kernels.cuh"
+#include "cuda/trace.cuh"
 #include "cuda/prefill_kernels.cuh"
 #include "engine.h"
 #include "expert_cache.h"
@@ -36,6 +39,10 @@ constexpr int kDefaultPrefillChunk = 2048;
 // routed experts whose tiles go into one launch as their copies land.
 constexpr int kReadSlots = 64;
 constexpr int kExpertsPerLaunch = 16;
+// The decode position whose token a trace build records (FLASHMOE_CUDA_TRACE=<file>), and room for
+// its blocks' records (about 22,000 for the 40-layer benchmark model).
+constexpr int64_t kTracePosition = 32;
+constexpr size_t kTraceRecords = 1 << 16;
 
 template <class T>
 struct DeviceArray {
@@ -190,6 +197,7 @@ class CudaEngine final : public Engine {
   void moe(int l);
   void record(int l, int which);
   void collect_profile();
+  void write_trace();
   cuda::ExpertArgs expert_args(int l) const;
 
   const int device_;
@@ -237,6 +245,9 @@ class CudaEngine final : public Engine {
   // timing events, per layer kEvPerLayer plus two for the lm_head
   std::vector<std::unique_ptr<Event>> prof_;
   bool lm_head_timed_ = false;
+  // developer builds (FLASHMOE_CUDA_TRACE): the timeline of the graph token at kTracePosition
+  std::string trace_path_;
+  DeviceArray<cuda::trace::Record> trace_;
 
   // prefill: activations [chunk, width]; the expert grouping of a layer's routing (host and device)
   int chunk_ = 0;
@@ -276,6 +287,12 @@ CudaEngine::CudaEngine(ModelSpec spec, const EngineOptions& o)
   FM_CUDA(cudaGetDeviceProperties(&props_, device_));
   sms_ = props_.multiProcessorCount;
   cuda::set_programmatic_launch(props_.major >= 9);
+  if (const char* path = std::getenv("FLASHMOE_CUDA_TRACE"); path && *path) {
+    if (!cuda::trace::enabled())
+      throw std::runtime_error("FLASHMOE_CUDA_TRACE is set but this build records no trace (cmake -DFLASHMOE_CUDA_TRACE=ON)");
+    trace_path_ = path;
+    trace_.alloc(kTraceRecords);
+  }
   for (int s = 0; s < store_.slots(); ++s) {
     pinned_.add(store_.buffer(s), model_.experts().block_stride);
     slot_copied_.push_back(std::make_unique<Event>());
@@ -622,6 +639,8 @@ void CudaEngine::forward(int32_t token, float* logits) {
   h_step_.p->pos = pos_;
   h_step_.p->token = token;
   FM_CUDA(cudaMemcpyAsync(step_.p, h_step_.p, sizeof(cuda::StepParams), cudaMemcpyHostToDevice, stream_));
+  const bool tracing = !trace_path_.empty() && graph_.exec && pos_ == kTracePosition;
+  if (tracing) cuda::trace::arm(trace_.p, uint32_t(trace_.n));
   if (graph_.exec)
     FM_CUDA(cudaGraphLaunch(graph_.exec, stream_));
   else
@@ -629,6 +648,7 @@ void CudaEngine::forward(int32_t token, float* logits) {
   if (logits) enqueue_lm_head();
   lm_head_timed_ = logits != nullptr;
   FM_CUDA(cudaStreamSynchronize(stream_));
+  if (tracing) write_trace();
   if (logits) std::memcpy(logits, h_logits_.p, logits_.bytes());
   if (profile_) collect_profile();
   if (resident_) {
@@ -638,6 +658,20 @@ void CudaEngine::forward(int32_t token, float* logits) {
   ++pos_;
   ++stats_.tokens;
   stats_.total_ms += ms_since(t0);
+}
+
+// The armed token's records (at most trace_.n) to trace_path_, written to a temporary file and
+// renamed; recording stops.
+void CudaEngine::write_trace() {
+  const size_t n = std::min<size_t>(cuda::trace::count(), trace_.n);
+  cuda::trace::arm(nullptr, 0);
+  std::vector<cuda::trace::Record> h(n);
+  FM_CUDA(cudaMemcpy(h.data(), trace_.p, n * sizeof(cuda::trace::Record), cudaMemcpyDeviceToHost));
+  const std::string tmp = trace_path_ + ".tmp";
+  FILE* f = std::fopen(tmp.c_str(), "wb");
+  const bool ok = f && std::fwrite(h.data(), sizeof(cuda::trace::Record), n, f) == n;
+  if ((f && std::fclose(f) != 0) || !ok || std::rename(tmp.c_str(), trace_path_.c_str()) != 0)
+    throw std::runtime_error("could not write the CUDA trace to " + trace_path_);
 }
 
 // logits of the residual x_ (final norm, lm_head) into h_logits_, queued on the compute stream

@@ -460,6 +460,7 @@ __device__ void load_x_chunks(const PrologueArgs& p, int cols, const VecSmem& vs
       }
     }
   }
+  trace::mark(trace::kLoaded);
   if (p.kind == Prologue::Norm) {
     const float inv = 1.0f / sqrtf(block_sum(ss, vs.red) / float(cols) + p.eps);
 #pragma unroll
@@ -475,6 +476,7 @@ __device__ void load_x_chunks(const PrologueArgs& p, int cols, const VecSmem& vs
       }
     }
   }
+  trace::mark(trace::kNormed);
   float4* x4 = reinterpret_cast<float4*>(vs.xs);
 #pragma unroll
   for (int i = 0; i < CH; ++i) {
@@ -499,6 +501,7 @@ __device__ void load_x_chunks(const PrologueArgs& p, int cols, const VecSmem& vs
     }
   }
   __syncthreads();
+  trace::mark(trace::kReady);
 }
 
 // load_x_chunks with the fewest chunks per thread that hold `cols` (at most kMaxCols).
@@ -595,6 +598,7 @@ struct MatvecParams {
 
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) matvec_kernel(const __grid_constant__ MatvecParams p) {
   extern __shared__ float4 smem4[];
+  trace::begin();
   int j = 0;
   while (j + 1 < p.njobs && int(blockIdx.x) >= p.first_block[j + 1]) ++j;
   const MatvecJob& job = p.jobs[j];
@@ -629,6 +633,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) matvec_kernel(const __
       if (threadIdx.x == 0) *p.tail.counter = 0;
     }
   }
+  trace::end(trace::kMatvec);
 }
 
 void check_matrix(const DevMat& m, int cols) {
@@ -643,14 +648,17 @@ void check_matrix(const DevMat& m, int cols) {
 }
 
 __global__ void embed_kernel(DevMat t, const StepParams* step, float* x) {
+  trace::begin();
   pdl_sync();
   const int64_t row = step->token;
   for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < t.cols; c += gridDim.x * blockDim.x)
     x[c] = embed_value(t, row, c);
+  trace::end(trace::kEmbed);
 }
 
 // One block per head: blocks [0, nh) the queries, [nh, nh+nkv) the keys (and their values).
 __global__ void qk_prep_kernel(AttnArgs a) {
+  trace::begin();
   pdl_sync();
   __shared__ float buf[kMaxHeadDim];
   __shared__ float red[32];
@@ -668,11 +676,13 @@ __global__ void qk_prep_kernel(AttnArgs a) {
     row[kvh * hd + t] = out;
     row[kv_dim + kvh * hd + t] = a.vraw[kvh * hd + t];
   }
+  trace::end(trace::kQkPrep);
 }
 
 // Block (head, split): online softmax over the split's positions, one warp per position at a
 // time; writes (max, sum, unnormalised output) for the combine.
 __global__ void __launch_bounds__(kAttnWarps * 32) attn_partial_kernel(AttnArgs a) {
+  trace::begin();
   pdl_sync();
   __shared__ float sm[kAttnWarps], sl[kAttnWarps];
   __shared__ float sacc[kAttnWarps][kMaxHeadDim];
@@ -685,10 +695,12 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_partial_kernel(AttnArgs 
   float* out = a.partial + (int64_t(h) * kAttnSplits + s) * (hd + 2);
   for (int i = threadIdx.x; i < hd; i += blockDim.x) out[2 + i] = sacc[0][i];
   if (threadIdx.x == 0) out[0] = p.m, out[1] = p.l;
+  trace::end(trace::kAttnPartial);
 }
 
 // Block per head: merges the splits, divides by the softmax sum, applies the output gate.
 __global__ void attn_combine_kernel(AttnArgs a) {
+  trace::begin();
   pdl_sync();
   const int h = blockIdx.x, hd = a.hd;
   const float* part = a.partial + int64_t(h) * kAttnSplits * (hd + 2);
@@ -707,6 +719,7 @@ __global__ void attn_combine_kernel(AttnArgs a) {
     }
     a.out[int64_t(h) * hd + i] = o / L * sigmoid(a.qg[int64_t(h) * 2 * hd + hd + i]);
   }
+  trace::end(trace::kAttnCombine);
 }
 
 // One conv channel of the DeltaNet: its taps and the K - 1 previous inputs, loaded before the wait
@@ -747,6 +760,7 @@ __global__ void __launch_bounds__(kDeltaWarps * 32) deltanet_kernel(DeltaArgs a)
   const int j = blockIdx.x, cb = blockIdx.y * 32;
   const int dk = a.dk, dv = a.dv, K = a.kernel;
   const int kd = a.nk * dk, ch = 2 * kd + a.nv * dv, ratio = a.nv / a.nk, kh = j / ratio;
+  trace::begin();
   const int64_t pos = a.step->pos;
   const int cur = int(pos % K);
   const int b = cb + lane;
@@ -796,6 +810,7 @@ __global__ void __launch_bounds__(kDeltaWarps * 32) deltanet_kernel(DeltaArgs a)
     if (r < dk && col_ok) S[int64_t(r) * dv + b] = s[i];
   }
   if (warp == 0 && col_ok) a.o[int64_t(j) * dv + b] = o;
+  trace::end(trace::kDeltaNet);
 }
 
 struct ExpertParams {
@@ -833,6 +848,7 @@ __device__ int entry_of_block(const ExpertParams& p) {
 // loads start before the router has finished; a routed expert's, once its id is known.
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) expert_gate_up_kernel(const __grid_constant__ ExpertParams p) {
   extern __shared__ float4 smem4[];
+  trace::begin();
   const ExpertArgs& a = p.a;
   const int j = entry_of_block(p), k = p.b.k[j];
   const bool routed = k >= 0;
@@ -870,12 +886,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) expert_gate_up_kernel(
         load_x(copy, a.hidden, vs, m[0].bits == 4);
       },
       [&](int r, float g, float u) { act[r] = silu(g) * u; });
+  trace::end(trace::kGateUp);
 }
 
 // y[1 + k] = down act[1 + k] for the block's entry and rows. The ids were written two launches
 // back (the router), so the weight loads start before gate/up has finished.
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) expert_down_kernel(const __grid_constant__ ExpertParams p) {
   extern __shared__ float4 smem4[];
+  trace::begin();
   const ExpertArgs& a = p.a;
   const int j = entry_of_block(p), k = p.b.k[j];
   const DevMat m = k < 0 ? a.shared_down : part_at(expert_block(a, k, p.b.slot[j]), a.down);
@@ -894,12 +912,15 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) expert_down_kernel(con
         load_x(copy, m.cols, vs, m.bits == 4);
       },
       [&](int r, float v) { y[r] = v; });
+  trace::end(trace::kDown);
 }
 
 __global__ void expert_combine_kernel(ExpertArgs a, int K) {
+  trace::begin();
   pdl_sync();
   const int r = blockIdx.x * blockDim.x + threadIdx.x;
   if (r < a.hidden) a.x[r] += moe_output(a.shared_logit[0], a.y, a.weights, a.y + a.hidden, K, a.hidden, r);
+  trace::end(trace::kCombine);
 }
 
 DevMat part_shape(const PartDesc& d) {
@@ -966,6 +987,27 @@ void matvec(cudaStream_t s, const PrologueArgs& pro, int cols, const MatvecJob* 
   if (prefetch) p.prefetch = *prefetch;
   launch(matvec_kernel, blocks, kThreads, matvec_smem_bytes(cols), s, p);
 }
+
+namespace trace {
+#ifdef FM_CUDA_TRACE
+bool enabled() { return true; }
+void arm(Record* records, uint32_t capacity) {
+  const uint32_t zero = 0;
+  FM_CUDA(cudaMemcpyToSymbol(g_count, &zero, sizeof(zero)));
+  FM_CUDA(cudaMemcpyToSymbol(g_capacity, &capacity, sizeof(capacity)));
+  FM_CUDA(cudaMemcpyToSymbol(g_records, &records, sizeof(records)));
+}
+uint32_t count() {
+  uint32_t n = 0;
+  FM_CUDA(cudaMemcpyFromSymbol(&n, g_count, sizeof(n)));
+  return n;
+}
+#else
+bool enabled() { return false; }
+void arm(Record*, uint32_t) { throw std::logic_error("this build records no CUDA trace (FLASHMOE_CUDA_TRACE=OFF)"); }
+uint32_t count() { return 0; }
+#endif
+}  // namespace trace
 
 void embed(cudaStream_t s, const DevMat& table, const StepParams* step, float* x) {
   launch(embed_kernel, (table.cols + 255) / 256, 256, 0, s, table, step, x);
