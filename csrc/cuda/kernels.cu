@@ -31,28 +31,19 @@ __host__ __device__ inline int lanes_per_row(int cols, int bits) {
 // lanes of a warp reading consecutive 16/32/64-byte chunks of x hit distinct banks.
 __device__ __forceinline__ int swz(int f) { return f ^ ((f >> 3) & 7); }
 
-// Word i (of 4) of a 16-byte chunk of a row times its x values (x: 2, 1 or 1 float4s for q4, q8,
-// bf16; bf16 words use half of it): a and b take alternate weights. A chunk's dot is the sum of
-// its 4 words in order, then a + b.
+// Word i (of 4) of a 16-byte chunk of a q8 or bf16 row times its x values (one float4; bf16 words
+// use half of it): a and b take alternate weights. A chunk's dot is the sum of its 4 words in
+// order, then a + b.
 template <int BITS>
-__device__ __forceinline__ void dot_word(uint32_t v, const float4* x, int i, float& a, float& b) {
-  if constexpr (BITS == 4) {
-    a = fmaf(qf(v & 15u), x[0].x, a);
-    b = fmaf(qf((v >> 4) & 15u), x[0].y, b);
-    a = fmaf(qf((v >> 8) & 15u), x[0].z, a);
-    b = fmaf(qf((v >> 12) & 15u), x[0].w, b);
-    a = fmaf(qf((v >> 16) & 15u), x[1].x, a);
-    b = fmaf(qf((v >> 20) & 15u), x[1].y, b);
-    a = fmaf(qf((v >> 24) & 15u), x[1].z, a);
-    b = fmaf(qf(v >> 28), x[1].w, b);
-  } else if constexpr (BITS == 8) {
-    a = fmaf(qf(v & 255u), x[0].x, a);
-    b = fmaf(qf((v >> 8) & 255u), x[0].y, b);
-    a = fmaf(qf((v >> 16) & 255u), x[0].z, a);
-    b = fmaf(qf(v >> 24), x[0].w, b);
+__device__ __forceinline__ void dot_word(uint32_t v, float4 x, int i, float& a, float& b) {
+  if constexpr (BITS == 8) {
+    a = fmaf(qf(v & 255u), x.x, a);
+    b = fmaf(qf((v >> 8) & 255u), x.y, b);
+    a = fmaf(qf((v >> 16) & 255u), x.z, a);
+    b = fmaf(qf(v >> 24), x.w, b);
   } else {
-    a = fmaf(__uint_as_float(v << 16), i & 1 ? x[0].z : x[0].x, a);
-    b = fmaf(__uint_as_float(v & 0xFFFF0000u), i & 1 ? x[0].w : x[0].y, b);
+    a = fmaf(__uint_as_float(v << 16), i & 1 ? x.z : x.x, a);
+    b = fmaf(__uint_as_float(v & 0xFFFF0000u), i & 1 ? x.w : x.y, b);
   }
 }
 
@@ -63,116 +54,98 @@ __device__ __forceinline__ uint32_t word(const uint4& w, int i) { return i == 0 
 // stream overlaps the prologue and the previous kernel's tail.
 constexpr int kLoads = 4;
 
-// One lane's share of N same-shaped matrices' rows row0..row0+nrows-1 (nrows <= RT): its chunks
-// sub, sub+lpr, ... of each row, U chunks of each row per group (N * RT * U = kLoads). Quantized
-// rows use the rearranged form sum_g scale_g * dot(q_g, x_g) + bias_g * sum(x_g), with sum(x_g)
-// precomputed in gsum. A row's sum runs over its chunks in ascending order whatever RT and U are.
-template <int BITS, int N, int RT>
+// One lane's share of one row of N same-shaped q8 or bf16 matrices: its chunks sub, sub + lpr, ...
+// of the row, U chunks per group (N U = kLoads). Quantized rows use the rearranged form
+// sum_g scale_g * dot(q_g, x_g) + bias_g * sum(x_g), with sum(x_g) precomputed in gsum. A row's
+// sum runs over its chunks in ascending order.
+template <int BITS, int N>
 struct TileLoads {
   static constexpr int E = 128 / BITS;  // elements per chunk
-  static constexpr int X4 = E / 4;
-  static constexpr int U = kLoads / (N * RT) > 0 ? kLoads / (N * RT) : 1;
-  uint4 w[U][N][RT];
-  uint16_t sc[U][N][RT], bi[U][N][RT];
+  static constexpr int U = kLoads / N;
+  uint4 w[U][N];
+  uint16_t sc[U][N], bi[U][N];
 
-  __device__ __forceinline__ void issue(const DevMat* m, int row0, int nrows, int c0, int lpr) {
+  __device__ __forceinline__ void issue(const DevMat* m, int row, bool row_ok, int c0, int lpr) {
     const int cpr = m[0].cols / E, groups = m[0].cols / 64;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = c0 + u * lpr;
 #pragma unroll
-      for (int n = 0; n < N; ++n)
-#pragma unroll
-        for (int r = 0; r < RT; ++r) {
-          const bool ok = c < cpr && r < nrows;
-          w[u][n][r] = ok ? load_stream(reinterpret_cast<const uint4*>(m[n].data) + size_t(row0 + r) * cpr + c)
-                          : make_uint4(0, 0, 0, 0);
-          if constexpr (BITS != 16) {
-            const size_t gi = size_t(row0 + r) * groups + c * E / 64;
-            sc[u][n][r] = ok ? m[n].scales[gi] : uint16_t(0);
-            bi[u][n][r] = ok ? m[n].biases[gi] : uint16_t(0);
-          }
+      for (int n = 0; n < N; ++n) {
+        const bool ok = c < cpr && row_ok;
+        w[u][n] = ok ? load_stream(reinterpret_cast<const uint4*>(m[n].data) + size_t(row) * cpr + c)
+                     : make_uint4(0, 0, 0, 0);
+        if constexpr (BITS == 8) {
+          const size_t gi = size_t(row) * groups + c * E / 64;
+          sc[u][n] = ok ? m[n].scales[gi] : uint16_t(0);
+          bi[u][n] = ok ? m[n].biases[gi] : uint16_t(0);
         }
+      }
     }
   }
 
-  // x is loaded word by word, so that its registers are few while the tile's loads are held.
   __device__ __forceinline__ void consume(int c0, int lpr, int cpr, const float4* xs, const float* gsum,
-                                          float (&acc)[N][RT]) const {
-    constexpr int XW = X4 >= 4 ? X4 / 4 : 1;  // float4s of x per word
+                                          float (&acc)[N]) const {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = c0 + u * lpr;
       if (c >= cpr) break;
-      float a[N][RT] = {}, b[N][RT] = {};
+      float a[N] = {}, b[N] = {};
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        float4 x[XW];
+        const float4 x = xs[swz((c * E + i * E / 4) / 4)];
 #pragma unroll
-        for (int q = 0; q < XW; ++q) x[q] = xs[swz((c * E + i * E / 4) / 4 + q)];
-#pragma unroll
-        for (int n = 0; n < N; ++n)
-#pragma unroll
-          for (int r = 0; r < RT; ++r) dot_word<BITS>(word(w[u][n][r], i), x, i, a[n][r], b[n][r]);
+        for (int n = 0; n < N; ++n) dot_word<BITS>(word(w[u][n], i), x, i, a[n], b[n]);
       }
-      const float gs = BITS != 16 && (c * E) % 64 == 0 ? gsum[c * E / 64] : 0.0f;  // the bias term once per group
+      const float gs = BITS == 8 && (c * E) % 64 == 0 ? gsum[c * E / 64] : 0.0f;  // the bias term once per group
 #pragma unroll
       for (int n = 0; n < N; ++n)
-#pragma unroll
-        for (int r = 0; r < RT; ++r)
-          if constexpr (BITS == 16)
-            acc[n][r] += a[n][r] + b[n][r];
-          else
-            acc[n][r] += fmaf(bf16f(sc[u][n][r]), a[n][r] + b[n][r], bf16f(bi[u][n][r]) * gs);
+        if constexpr (BITS == 16)
+          acc[n] += a[n] + b[n];
+        else
+          acc[n] += fmaf(bf16f(sc[u][n]), a[n] + b[n], bf16f(bi[u][n]) * gs);
     }
   }
 };
 
-// The tiles of one worker (see rows_dot) as a sequence of chunk groups: (tile, chunks from sub),
-// (tile, chunks from sub + U * lpr), ..., then the next tile. Each group's successor is issued
-// before the group is consumed; the first group, before ready() (the block's x prologue, which
-// every thread runs once).
-template <int BITS, int N, int RT, class Ready, class Emit>
+// Rows [r0, r1) of N same-shaped q8 or bf16 matrices: a segment of lpr lanes takes one row (a
+// whole warp for rows of 32+ chunks, else several rows side by side); worker w of `workers` (one
+// warp each) takes tiles w, w + workers, ... of 32 / lpr rows, as a sequence of chunk groups:
+// (tile, chunks from sub), (tile, chunks from sub + U lpr), ..., then the next tile. Each group's
+// successor is issued before the group is consumed; the first group, before ready() (the block's
+// x prologue, which every thread runs once).
+template <int BITS, int N, class Ready, class Emit>
 __device__ __forceinline__ void rows_dot_tiles(const DevMat* m, int r0, int r1, int worker, int workers,
                                                const float* xs, const float* gsum, Ready&& ready, Emit&& emit) {
-  using T = TileLoads<BITS, N, RT>;
+  using T = TileLoads<BITS, N>;
   const int lane = threadIdx.x & 31;
   const int lpr = lanes_per_row(m[0].cols, BITS);
   const int cpr = m[0].cols / T::E;
   const int seg = lane / lpr, sub = lane % lpr;
-  const int per_tile = (32 / lpr) * RT, stride = workers * per_tile;
-  auto rows_at = [&](int b) { return b < r1 ? max(0, min(RT, r1 - (b + seg * RT))) : 0; };
+  const int per_tile = 32 / lpr, stride = workers * per_tile;
   const float4* x4 = reinterpret_cast<const float4*>(xs);
   int base = r0 + worker * per_tile, c0 = sub;
   T t[2];
-  t[0].issue(m, base + seg * RT, rows_at(base), c0, lpr);
+  t[0].issue(m, base + seg, base + seg < r1, c0, lpr);
   ready();
-  float acc[N][RT] = {};
+  float acc[N] = {};
   auto group = [&](T& cur, T& nxt) {
     int nb = base, nc = c0 + T::U * lpr;
     if (nc >= cpr) nc = sub, nb += stride;
-    nxt.issue(m, nb + seg * RT, rows_at(nb), nc, lpr);
+    nxt.issue(m, nb + seg, nb + seg < r1, nc, lpr);
     cur.consume(c0, lpr, cpr, x4, gsum, acc);
     if (nb != base) {  // the tile is done
-      const int row0 = base + seg * RT, nrows = rows_at(base);
 #pragma unroll
       for (int n = 0; n < N; ++n)
+        for (int off = lpr >> 1; off > 0; off >>= 1) acc[n] += __shfl_xor_sync(0xffffffffu, acc[n], off);
+      if (sub == 0 && base + seg < r1) {
+        if constexpr (N == 1)
+          emit(base + seg, acc[0]);
+        else
+          emit(base + seg, acc[0], acc[1]);
+      }
 #pragma unroll
-        for (int r = 0; r < RT; ++r)
-          for (int off = lpr >> 1; off > 0; off >>= 1) acc[n][r] += __shfl_xor_sync(0xffffffffu, acc[n][r], off);
-      if (sub == 0)
-#pragma unroll
-        for (int r = 0; r < RT; ++r) {
-          if (r >= nrows) break;
-          if constexpr (N == 1)
-            emit(row0 + r, acc[0][r]);
-          else
-            emit(row0 + r, acc[0][r], acc[1][r]);
-        }
-#pragma unroll
-      for (int n = 0; n < N; ++n)
-#pragma unroll
-        for (int r = 0; r < RT; ++r) acc[n][r] = 0.0f;
+      for (int n = 0; n < N; ++n) acc[n] = 0.0f;
     }
     base = nb, c0 = nc;
   };
@@ -181,17 +154,6 @@ __device__ __forceinline__ void rows_dot_tiles(const DevMat* m, int r0, int r1, 
     if (base >= r1) break;
     group(t[1], t[0]);
   }
-}
-
-template <int N, int RT, class Ready, class Emit>
-__device__ __forceinline__ void rows_dot_rt(const DevMat* m, int r0, int r1, int worker, int workers,
-                                            const float* xs, const float* gsum, Ready&& ready, Emit&& emit) {
-  if (m[0].bits == 4)
-    rows_dot_tiles<4, N, RT>(m, r0, r1, worker, workers, xs, gsum, ready, emit);
-  else if (m[0].bits == 8)
-    rows_dot_tiles<8, N, RT>(m, r0, r1, worker, workers, xs, gsum, ready, emit);
-  else
-    rows_dot_tiles<16, N, RT>(m, r0, r1, worker, workers, xs, gsum, ready, emit);
 }
 
 // Shared memory of a matvec-style block for an input of `cols` columns (offsets in floats): x
@@ -391,22 +353,20 @@ __device__ __forceinline__ void rows_dot_q4(const DevMat* m, int r0, int r1, con
   }
 }
 
-// Rows [r0, r1) of N same-shaped matrices times the block's x, as tiles of rt rows per segment of
-// lpr lanes (a whole warp for rows of 32+ chunks, else several rows side by side). Worker w of
-// `workers` (one warp each) takes tiles w, w+workers, ...; ready() builds x (all threads call it
-// once, after their first weight loads are issued); emit(row, dots...) runs on one lane per row.
-// q4 matrices take the tensor-core path (rows_dot_q4; rt, worker and workers do not apply).
+// Rows [r0, r1) of N same-shaped matrices times the block's x: q4 rows on the tensor cores
+// (rows_dot_q4), q8 and bf16 rows by rows_dot_tiles with warp w of the block as worker w. ready()
+// builds x (all threads call it once, after their first weight loads are issued); emit(row,
+// dots...) runs once per row.
 template <int N, class Ready, class Emit>
-__device__ __forceinline__ void rows_dot(const DevMat* m, int rt, int r0, int r1, int worker, int workers,
-                                         const VecSmem& v, Ready&& ready, Emit&& emit) {
+__device__ __forceinline__ void rows_dot(const DevMat* m, int r0, int r1, const VecSmem& v, Ready&& ready,
+                                         Emit&& emit) {
+  const int warp = int(threadIdx.x) >> 5;
   if (m[0].bits == 4)
     rows_dot_q4<N>(m, r0, r1, v, ready, emit);
-  else if (rt == 4)
-    rows_dot_rt<N, 4>(m, r0, r1, worker, workers, v.xs, v.gsum, ready, emit);
-  else if (rt == 2)
-    rows_dot_rt<N, 2>(m, r0, r1, worker, workers, v.xs, v.gsum, ready, emit);
+  else if (m[0].bits == 8)
+    rows_dot_tiles<8, N>(m, r0, r1, warp, kWarps, v.xs, v.gsum, ready, emit);
   else
-    rows_dot_rt<N, 1>(m, r0, r1, worker, workers, v.xs, v.gsum, ready, emit);
+    rows_dot_tiles<16, N>(m, r0, r1, warp, kWarps, v.xs, v.gsum, ready, emit);
 }
 
 __device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
@@ -520,25 +480,20 @@ __device__ __forceinline__ void load_x(const PrologueArgs& p, int cols, const Ve
 // too little latency.)
 constexpr int kBlocksPerSm = 2;
 
-// How a launch covers a matrix: rt rows per warp tile and rows per block.
-struct Tiling {
-  int rt = 1, rows_per_block = 0;
-};
-
-// Tiles and first blocks of a launch of njobs matrices (shapes m, each its own rows; n: matrices
-// per tile, gate/up: 2). For a target block weight, each job takes the most rows per block that
-// stay within it (whole tiles of its tallest fitting height, at least one tile of one row per
-// segment), so that a small bf16 matrix does not become one block heavier than the rest. Among
+// Rows per block and first blocks of a launch of njobs matrices (shapes m, each its own rows; n:
+// matrices per tile, gate/up: 2). For a target block weight, each job takes the most rows per
+// block that stay within it (whole units: a 16-row tile per warp slot for q4, a row per lane
+// segment of every warp for q8 and bf16), so that a small bf16 matrix does not become one block
+// heavier than the rest. Among
 // targets that keep the launch within kBlocksPerSm blocks per SM (one wave), the plan minimises
 // the busiest SM's time, modelled as its heaviest block times its blocks over its throughput,
 // which a second block raises by half (more loads in flight); a launch of more jobs than that
 // takes one block per job. Returns the launch's blocks. (The sums do not depend on the tiling.)
-int plan_launch(const DevMat* m, int njobs, int n, int sms, Tiling* tiles, int* first_block) {
+int plan_launch(const DevMat* m, int njobs, int n, int sms, int* rows_per_block, int* first_block) {
   static_assert(kBlocksPerSm == 2, "the SM throughput model below knows one or two blocks");
   const int64_t slots = int64_t(sms) * kBlocksPerSm;
   if (njobs > kMaxExperts) throw std::logic_error("plan_launch: more than kMaxExperts matrices");
-  const int rt_max = kLoads / n;
-  int unit[kMaxExperts];         // rows of one tile per warp at rt = 1 (q4: one 16-row tile per slot)
+  int unit[kMaxExperts];         // rows of one tile per warp (q4: one 16-row tile per slot)
   int max_units[kMaxExperts];    // q4: the slices' partial sums fit kMaxPartials
   double row_bits[kMaxExperts];  // weight bits of one row
   double lightest = INFINITY;
@@ -555,7 +510,7 @@ int plan_launch(const DevMat* m, int njobs, int n, int sms, Tiling* tiles, int* 
     lightest = std::min(lightest, unit[j] * row_bits[j]);
   }
   double best = INFINITY;
-  Tiling t[kMaxExperts];
+  int t[kMaxExperts];
   for (double target = lightest;; target *= 1.08) {
     int64_t blocks = 0;
     double heaviest = 0;
@@ -563,24 +518,23 @@ int plan_launch(const DevMat* m, int njobs, int n, int sms, Tiling* tiles, int* 
     for (int j = 0; j < njobs; ++j) {
       const int units = std::max(1, std::min({int(target / (unit[j] * row_bits[j])), (m[j].rows + unit[j] - 1) / unit[j],
                                                max_units[j]}));
-      t[j].rt = units % 4 == 0 && rt_max >= 4 ? 4 : units % 2 == 0 && rt_max >= 2 ? 2 : 1;
-      t[j].rows_per_block = unit[j] * units;
-      blocks += (m[j].rows + t[j].rows_per_block - 1) / t[j].rows_per_block;
-      heaviest = std::max(heaviest, std::min(t[j].rows_per_block, m[j].rows) * row_bits[j]);
-      whole = whole && (t[j].rows_per_block >= m[j].rows || units == max_units[j]);
+      t[j] = unit[j] * units;
+      blocks += (m[j].rows + t[j] - 1) / t[j];
+      heaviest = std::max(heaviest, std::min(t[j], m[j].rows) * row_bits[j]);
+      whole = whole && (t[j] >= m[j].rows || units == max_units[j]);
     }
     const int64_t per_sm = (blocks + sms - 1) / sms;
     const double time = heaviest * double(per_sm) / (per_sm > 1 ? 1.5 : 1.0);
     if ((blocks <= slots || (whole && best == INFINITY)) && time < best) {  // whole: no plan fits one wave
       best = time;
-      std::copy(t, t + njobs, tiles);
+      std::copy(t, t + njobs, rows_per_block);
     }
     if (whole) break;
   }
   int blocks = 0;
   for (int j = 0; j < njobs; ++j) {
     first_block[j] = blocks;
-    blocks += (m[j].rows + tiles[j].rows_per_block - 1) / tiles[j].rows_per_block;
+    blocks += (m[j].rows + rows_per_block[j] - 1) / rows_per_block[j];
   }
   first_block[njobs] = blocks;
   return blocks;
@@ -591,7 +545,7 @@ struct MatvecParams {
   int cols = 0, njobs = 0;
   MatvecJob jobs[kMaxJobs];
   int first_block[kMaxJobs + 1] = {};
-  Tiling tiles[kMaxJobs];
+  int rows_per_block[kMaxJobs] = {};
   TopkTail tail;
   Prefetch prefetch;
 };
@@ -602,15 +556,15 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) matvec_kernel(const __
   int j = 0;
   while (j + 1 < p.njobs && int(blockIdx.x) >= p.first_block[j + 1]) ++j;
   const MatvecJob& job = p.jobs[j];
-  const int r0 = (int(blockIdx.x) - p.first_block[j]) * p.tiles[j].rows_per_block;
-  const int r1 = min(job.m.rows, r0 + p.tiles[j].rows_per_block);
+  const int r0 = (int(blockIdx.x) - p.first_block[j]) * p.rows_per_block[j];
+  const int r1 = min(job.m.rows, r0 + p.rows_per_block[j]);
   VecSmem vs;
   vec_smem_floats(p.cols, &vs, reinterpret_cast<float*>(smem4));
   float* out = job.out;
   const bool acc = job.accumulate;
   prefetch_l2(p.prefetch);
   rows_dot<1>(
-      &job.m, p.tiles[j].rt, r0, r1, threadIdx.x >> 5, kWarps, vs,
+      &job.m, r0, r1, vs,
       [&] {
         pdl_sync();
         load_x(p.pro, p.cols, vs, job.m.bits == 4);
@@ -817,7 +771,7 @@ struct ExpertParams {
   ExpertArgs a;
   ExpertBatch b;
   int first_block[kMaxExperts + 1] = {};
-  Tiling tiles[kMaxExperts];
+  int rows_per_block[kMaxExperts] = {};
 };
 
 __device__ DevMat part_at(const uint8_t* base, const PartDesc& d) {
@@ -871,16 +825,15 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) expert_gate_up_kernel(
     m[0] = a.shared_gate;
     m[1] = a.shared_up;
   }
-  const Tiling t = p.tiles[j];
-  const int r0 = (int(blockIdx.x) - p.first_block[j]) * t.rows_per_block;
-  const int r1 = min(m[0].rows, r0 + t.rows_per_block);
+  const int r0 = (int(blockIdx.x) - p.first_block[j]) * p.rows_per_block[j];
+  const int r1 = min(m[0].rows, r0 + p.rows_per_block[j]);
   VecSmem vs;
   vec_smem_floats(a.hidden, &vs, reinterpret_cast<float*>(smem4));
   PrologueArgs copy;
   copy.src = a.h;
   float* act = a.act + int64_t(k + 1) * a.act_stride;
   rows_dot<2>(
-      m, t.rt, r0, r1, threadIdx.x >> 5, kWarps, vs,
+      m, r0, r1, vs,
       [&] {
         if (!routed) pdl_sync();
         load_x(copy, a.hidden, vs, m[0].bits == 4);
@@ -897,16 +850,15 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) expert_down_kernel(con
   const ExpertArgs& a = p.a;
   const int j = entry_of_block(p), k = p.b.k[j];
   const DevMat m = k < 0 ? a.shared_down : part_at(expert_block(a, k, p.b.slot[j]), a.down);
-  const Tiling t = p.tiles[j];
-  const int r0 = (int(blockIdx.x) - p.first_block[j]) * t.rows_per_block;
-  const int r1 = min(m.rows, r0 + t.rows_per_block);
+  const int r0 = (int(blockIdx.x) - p.first_block[j]) * p.rows_per_block[j];
+  const int r1 = min(m.rows, r0 + p.rows_per_block[j]);
   VecSmem vs;
   vec_smem_floats(m.cols, &vs, reinterpret_cast<float*>(smem4));
   PrologueArgs copy;
   copy.src = a.act + int64_t(k + 1) * a.act_stride;
   float* y = a.y + int64_t(k + 1) * a.hidden;
   rows_dot<1>(
-      &m, t.rt, r0, r1, threadIdx.x >> 5, kWarps, vs,
+      &m, r0, r1, vs,
       [&] {
         pdl_sync();  // act is gate/up's output
         load_x(copy, m.cols, vs, m.bits == 4);
@@ -978,7 +930,7 @@ void matvec(cudaStream_t s, const PrologueArgs& pro, int cols, const MatvecJob* 
     p.jobs[j] = jobs[j];
     shapes[j] = jobs[j].m;
   }
-  const int blocks = plan_launch(shapes, njobs, 1, sms, p.tiles, p.first_block);
+  const int blocks = plan_launch(shapes, njobs, 1, sms, p.rows_per_block, p.first_block);
   if (tail) {
     if (tail->k < 1 || tail->k >= kMaxExperts || tail->num_experts > 32 * kTopkPerLane || tail->k > tail->num_experts)
       throw std::invalid_argument("CUDA router: 1..32 experts per token out of at most 1024");
@@ -1038,7 +990,7 @@ void experts(cudaStream_t s, const ExpertArgs& a, const ExpertBatch& batch, int 
   auto plan = [&](const DevMat& shared, const DevMat& routed, int n) {
     DevMat shapes[kMaxExperts];
     for (int j = 0; j < batch.n; ++j) shapes[j] = batch.k[j] < 0 ? shared : routed;
-    return plan_launch(shapes, batch.n, n, sms, p.tiles, p.first_block);
+    return plan_launch(shapes, batch.n, n, sms, p.rows_per_block, p.first_block);
   };
   // gate/up: rows of the intermediate size; input h
   int blocks = plan(a.shared_up, routed_up, 2);
