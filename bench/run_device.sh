@@ -2,8 +2,11 @@
 # One device call: the launch/barrier latency microbenchmark, then build the package with the CUDA
 # backend, run the CUDA tests (and the parity and prefill suites on device="cuda"), then the
 # benchmarks. Everything lands in $OUT; the table prints last. `trace` builds with the in-graph
-# timeline (csrc/cuda/trace.cuh) and summarises one resident decode token.
-#   bash bench/run_device.sh [chain|tests|probe|bench|all|trace]
+# timeline (csrc/cuda/trace.cuh) and summarises one resident decode token. `ab` times resident
+# decode of the source trees AB_TREES ("name=dir ...", e.g. `git archive main` unpacked; the first
+# is the reference) and this tree in alternation (bench/ab_decode.py), then, with AB_TRACE=1,
+# traces this tree.
+#   bash bench/run_device.sh [chain|tests|probe|bench|all|trace|ab]
 set -uo pipefail
 OUT=${OUT:-/tmp/flashmoe-device-out}
 WHAT=${1:-all}
@@ -55,6 +58,28 @@ if [[ $WHAT == all || $WHAT == bench ]]; then
   timeout 540 python3 bench/cuda_bench.py --work /tmp/fmbench --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" \
     | grep -v "^synthetic" | tail -80
   echo "bench: exit ${PIPESTATUS[0]}, $(( $(date +%s) - t0 )) s"
+fi
+if [[ $WHAT == ab ]]; then
+  VARIANTS=()
+  for tree in ${AB_TREES:?AB_TREES=\"name=source-dir ...\"}; do
+    t0=$(date +%s)
+    name=${tree%%=*}
+    (cd "${tree#*=}" && CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90" python3 -m pip install --no-build-isolation \
+      --no-deps -q --target "/tmp/v_$name" .) > "$OUT/build_$name.log" 2>&1 || { tail -60 "$OUT/build_$name.log"; exit 1; }
+    echo "$name build: $(( $(date +%s) - t0 )) s"
+    VARIANTS+=("$name=/tmp/v_$name")
+  done
+  python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; \
+from synthetic import qwen35_35b_a3b, write_synthetic_model as w; w(Path('/tmp/fmbench/qwen35-35b-a3b-q4'), qwen35_35b_a3b(None))"
+  SITE=$(python3 -c "import flashmoe_native, pathlib; print(pathlib.Path(flashmoe_native.__file__).parents[1])")
+  timeout 420 python3 bench/ab_decode.py --model /tmp/fmbench/qwen35-35b-a3b-q4 "${VARIANTS[@]}" "new=$SITE" \
+    2>&1 | tee "$OUT/ab.txt"
+  status=${PIPESTATUS[0]}
+  if [[ ${AB_TRACE:-0} == 1 ]]; then
+    CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90 -DFLASHMOE_CUDA_TRACE=ON" python3 -m pip install --no-build-isolation \
+      --no-deps -q . > "$OUT/build_trace.log" 2>&1 || { tail -60 "$OUT/build_trace.log"; exit 1; }
+    WHAT=trace
+  fi
 fi
 if [[ $WHAT == trace ]]; then
   FLASHMOE_CUDA_TRACE="$OUT/trace.bin" timeout 300 python3 bench/cuda_bench.py --work /tmp/fmbench \

@@ -21,6 +21,11 @@ __device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : log1
 
 // Small integer q (< 2^23) to float exactly: one OR and one subtract instead of a slow I2F.
 __device__ __forceinline__ float qf(uint32_t q) { return __uint_as_float(0x4B000000u | q) - 8388608.0f; }
+// 1.5 * 2^23: a float of magnitude below 2^22 plus this holds its integer part in the low mantissa
+// bits (bits 0x4B400000 + i for -2^22 < i < 2^22).
+constexpr float kRoundMagic = 12582912.0f;
+// Signed integer |i| < 2^22 to float exactly, without the conversion pipe.
+__device__ __forceinline__ float small_int_float(int i) { return __int_as_float(0x4B400000 + i) - kRoundMagic; }
 
 __device__ __forceinline__ uint4 load_stream(const uint4* p) {
   uint4 v;
@@ -110,23 +115,25 @@ __device__ inline void warp_topk_p(const TopkTail& t) {
 #pragma unroll
   for (int i = 0; i < P; ++i)
     if (lane + 32 * i < E) v[i] /= sum;
+  // A probability's key is its bits + 1 (non-negative floats order as their bits), 0 once chosen:
+  // each round is a warp max of the lanes' best keys, then a warp min of the indices holding it.
+  uint32_t key[P];
+#pragma unroll
+  for (int i = 0; i < P; ++i) key[i] = lane + 32 * i < E ? __float_as_uint(v[i]) + 1u : 0u;
   float my_w = 0.0f, wsum = 0.0f;
   int my_id = 0;
   for (int k = 0; k < t.k; ++k) {
-    float bv = -2.0f;
-    int bi = INT_MAX;
+    uint32_t best = 0, at = 0;
 #pragma unroll
     for (int i = 0; i < P; ++i)
-      if (v[i] > bv) bv = v[i], bi = lane + 32 * i;  // i ascending: ties keep the lower index
-    for (int off = 16; off > 0; off >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, bv, off);
-      const int oi = __shfl_xor_sync(0xffffffffu, bi, off);
-      if (ov > bv || (ov == bv && oi < bi)) bv = ov, bi = oi;
-    }
+      if (key[i] > best) best = key[i], at = lane + 32 * i;  // i ascending: ties keep the lower index
+    const uint32_t top = __reduce_max_sync(0xffffffffu, best);
+    const int id = int(__reduce_min_sync(0xffffffffu, best == top ? at : UINT_MAX));
 #pragma unroll
     for (int i = 0; i < P; ++i)
-      if (lane + 32 * i == bi) v[i] = -1.0f;
-    if (lane == k) my_id = bi, my_w = bv;
+      if (lane + 32 * i == id) key[i] = 0;
+    const float bv = __uint_as_float(top - 1u);
+    if (lane == k) my_id = id, my_w = bv;
     wsum += bv;
   }
   if (lane < t.k) {

@@ -754,6 +754,7 @@ void CudaEngine::mixer(int l) {
     d.mixed = mixed_.p;
     d.b = bgate_.p;
     d.a = agate_.p;
+    d.z = z_.p;
     d.conv_w = w.conv_w;
     d.a_log = w.a_log;
     d.dt_bias = w.dt_bias;
@@ -770,7 +771,7 @@ void CudaEngine::mixer(int l) {
     cuda::PrologueArgs gated;
     gated.kind = cuda::Prologue::GatedNorm;
     gated.src = o_.p;
-    gated.z = z_.p;
+    gated.gate = z_.p;
     gated.w = w.out_norm;
     gated.eps = c_.rms_norm_eps;
     gated.head_dim = c_.lin_value_head_dim;

@@ -219,10 +219,14 @@ __device__ __forceinline__ void q4_split_chunk(int c, const float (&v)[8], float
     uint32_t word[2] = {0, 0};  // the chunk's even and odd columns (q4_frag_byte)
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
-      // r * 2^7p / S and q * S / 2^7p are exact, and so is their difference
-      const float q = rintf(r[e] * __uint_as_float(uint32_t(259 - E + 7 * p) << 23));
+      // r * 2^7p / S and q * S / 2^7p are exact, and so is their difference. |r 2^7p / S| <= 64:
+      // adding 1.5 * 2^23 rounds it to the nearest integer (ties to even, as rintf) and leaves
+      // that integer in the low mantissa bits, in two full-rate adds instead of two conversions
+      // (the conversion pipe, a sixteenth of the SM's issue rate, held every q4 prologue).
+      const float m = fmaf(r[e], __uint_as_float(uint32_t(259 - E + 7 * p) << 23), kRoundMagic);
+      const float q = m - kRoundMagic;
       r[e] -= q * __uint_as_float(uint32_t(E - 5 - 7 * p) << 23);
-      word[e & 1] |= uint32_t(uint8_t(int8_t(int(q)))) << (8 * (e >> 1));
+      word[e & 1] |= (__float_as_uint(m) & 255u) << (8 * (e >> 1));
     }
     *reinterpret_cast<uint2*>(frag + q4_frag_byte(8 * c, p)) = make_uint2(word[0], word[1]);
   }
@@ -281,7 +285,7 @@ struct Q4Stage {
     for (int n = 0; n < N; ++n)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const float dot = fmaf(float(d[n][2 * h]), f0, float(d[n][2 * h + 1]) * f1);
+        const float dot = fmaf(small_int_float(d[n][2 * h]), f0, small_int_float(d[n][2 * h + 1]) * f1);
         acc[n][h] = fmaf(bf16f(sc[n][h]), dot, acc[n][h]);
         acc[n][h] = fmaf(bf16f(bi[n][h]), gs, acc[n][h]);
       }
@@ -389,14 +393,14 @@ __device__ void load_x_chunks(const PrologueArgs& p, int cols, const VecSmem& vs
   float ss = 0.0f;
 #pragma unroll
   for (int i0 = 0; i0 < CH; i0 += B) {
-    float w[B][8], z[B][8];
+    float w[B][8], g[B][8];
 #pragma unroll
     for (int i = i0; i < i0 + B; ++i) {
       const int c = tid + i * kThreads;
       if (c >= nc) break;
       load8(p.src + 8 * c, v[i]);
       if (p.kind == Prologue::Norm) load8(p.w + 8 * c, w[i - i0]);
-      if (p.kind == Prologue::GatedNorm) load8(p.w + 8 * c % p.head_dim, w[i - i0]), load8(p.z + 8 * c, z[i - i0]);
+      if (p.kind == Prologue::GatedNorm) load8(p.w + 8 * c % p.head_dim, w[i - i0]), load8(p.gate + 8 * c, g[i - i0]);
     }
 #pragma unroll
     for (int i = i0; i < i0 + B; ++i) {
@@ -416,7 +420,7 @@ __device__ void load_x_chunks(const PrologueArgs& p, int cols, const VecSmem& vs
         const float inv = 1.0f / sqrtf(sq / float(p.head_dim) + p.eps);
         if (ok)
 #pragma unroll
-          for (int e = 0; e < 8; ++e) v[i][e] = v[i][e] * inv * w[i - i0][e] * silu(z[i - i0][e]);
+          for (int e = 0; e < 8; ++e) v[i][e] = v[i][e] * inv * w[i - i0][e] * g[i - i0][e];
       }
     }
   }
@@ -734,6 +738,8 @@ __global__ void __launch_bounds__(kDeltaWarps * 32) deltanet_kernel(DeltaArgs a)
   pdl_sync();
   const float xq = has_qk ? a.mixed[cq.chan] : 0.0f, xv = has_v ? a.mixed[cv.chan] : 0.0f;
   const float gb = a.b[j], ga = a.a[j];
+  float* z = a.z + int64_t(j) * dv + b;
+  if (has_v) *z = silu(*z);
   float* qk = sh;           // [2*dk]: q then k of key head kh, normalised
   float* vs = qk + 2 * dk;  // [32]
   float* red = vs + 32;     // [2 * kDeltaWarps * 32]

@@ -48,14 +48,14 @@ struct PartDesc {
 enum class Prologue : int {
   Copy,       // x = src
   Norm,       // x = src * rsqrt(mean(src^2) + eps) * (1 + w); block 0 also writes x to norm_out
-  GatedNorm,  // per head of head_dim: x = src * rsqrt(mean_head(src^2) + eps) * w[i % head_dim] * silu(z)
+  GatedNorm,  // per head of head_dim: x = src * rsqrt(mean_head(src^2) + eps) * w[i % head_dim] * gate
 };
 
 struct PrologueArgs {
   Prologue kind = Prologue::Copy;
   const float* src = nullptr;
   const float* w = nullptr;
-  const float* z = nullptr;
+  const float* gate = nullptr;  // GatedNorm: silu(z), which the DeltaNet launch computes
   float* norm_out = nullptr;
   float eps = 0;
   int head_dim = 0;
@@ -128,11 +128,13 @@ void attention(cudaStream_t s, const AttnArgs& a);
 
 // Gated DeltaNet for one token after in_proj_qkv/z/b/a: causal conv (ring of `kernel` inputs
 // indexed by position), SiLU, L2-normalised q/k, decay and beta gates, the per-value-head state
-// update, o = S^T q (before the gated output norm, which out_proj's prologue applies).
+// update, o = S^T q (before the gated output norm, which out_proj's prologue applies), and the
+// output gate silu(z) once per element, so that out_proj's blocks do not each recompute it.
 struct DeltaArgs {
   const float* mixed = nullptr;  // [2*nk*dk + nv*dv] pre-conv q|k|v
   const float* b = nullptr;      // [nv] before sigmoid
   const float* a = nullptr;      // [nv] before softplus
+  float* z = nullptr;            // [nv*dv] the output gate's input, replaced by silu(z) for out_proj
   const float* conv_w = nullptr; // [channels, kernel]
   const float* a_log = nullptr;
   const float* dt_bias = nullptr;
