@@ -656,26 +656,46 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_partial_kernel(AttnArgs 
   trace::end(trace::kAttnPartial);
 }
 
-// Block per head: merges the splits, divides by the softmax sum, applies the output gate.
-__global__ void attn_combine_kernel(AttnArgs a) {
+// Block per head: merges the splits, divides by the softmax sum, applies the output gate. Warp 0
+// finds the splits' common maximum and their scales once; the gate loads go out first.
+constexpr int kAttnCombineThreads = 128;
+__global__ void __launch_bounds__(kAttnCombineThreads) attn_combine_kernel(AttnArgs a) {
   trace::begin();
+  __shared__ float scale[kAttnSplits];  // e^(m_s - M)
+  __shared__ bool live[kAttnSplits];    // the split holds positions (m_s > -inf)
+  __shared__ float total;               // the softmax sum
   pdl_sync();
-  const int h = blockIdx.x, hd = a.hd;
+  const int h = blockIdx.x, hd = a.hd, t = int(threadIdx.x);
   const float* part = a.partial + int64_t(h) * kAttnSplits * (hd + 2);
-  float M = -INFINITY;
-  for (int s = 0; s < kAttnSplits; ++s) M = fmaxf(M, part[s * (hd + 2)]);
-  float L = 0.0f;
-  for (int s = 0; s < kAttnSplits; ++s) {
-    const float ms = part[s * (hd + 2)];
-    if (ms > -INFINITY) L += part[s * (hd + 2) + 1] * expf(ms - M);
+  constexpr int G = kMaxHeadDim / kAttnCombineThreads;
+  float gate[G];
+#pragma unroll
+  for (int u = 0; u < G; ++u) {
+    const int i = t + kAttnCombineThreads * u;
+    gate[u] = i < hd ? a.qg[int64_t(h) * 2 * hd + hd + i] : 0.0f;
   }
-  for (int i = threadIdx.x; i < hd; i += blockDim.x) {
-    float o = 0.0f;
-    for (int s = 0; s < kAttnSplits; ++s) {
-      const float ms = part[s * (hd + 2)];
-      if (ms > -INFINITY) o += part[s * (hd + 2) + 2 + i] * expf(ms - M);
+  if (t < 32) {
+    const float ms = t < kAttnSplits ? part[t * (hd + 2)] : -INFINITY;
+    const float M = warp_max(ms);
+    if (t < kAttnSplits) live[t] = ms > -INFINITY, scale[t] = ms > -INFINITY ? expf(ms - M) : 0.0f;
+    __syncwarp();
+    if (t == 0) {
+      float L = 0.0f;
+      for (int s = 0; s < kAttnSplits; ++s)
+        if (live[s]) L += part[s * (hd + 2) + 1] * scale[s];
+      total = L;
     }
-    a.out[int64_t(h) * hd + i] = o / L * sigmoid(a.qg[int64_t(h) * 2 * hd + hd + i]);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int u = 0; u < G; ++u) {
+    const int i = t + kAttnCombineThreads * u;
+    if (i >= hd) break;
+    float o = 0.0f;
+#pragma unroll
+    for (int s = 0; s < kAttnSplits; ++s)
+      if (live[s]) o += part[s * (hd + 2) + 2 + i] * scale[s];
+    a.out[int64_t(h) * hd + i] = o / total * sigmoid(gate[u]);
   }
   trace::end(trace::kAttnCombine);
 }
@@ -814,6 +834,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) expert_gate_up_kernel(
   const bool routed = k >= 0;
   if (routed) {
     pdl_sync();  // the routed experts' ids are the router's output
+    // h (the router's output too) starts towards L1 before the id's round trip and the weight loads
+    // that follow it, which the prologue's loads of h would otherwise queue behind
+    for (int c = int(threadIdx.x); c < a.hidden / 32; c += int(blockDim.x))
+      asm volatile("prefetch.global.L1 [%0];" ::"l"(a.h + 32 * c));
     // the expert's down projection, which the next launch reads, split among this entry's blocks
     const PartDesc& d = a.down;
     const uint64_t end = d.bits == 16 ? d.data_off + uint64_t(d.rows) * d.cols * 2
@@ -976,7 +1000,7 @@ void attention(cudaStream_t s, const AttnArgs& a) {
     throw std::invalid_argument("CUDA attention needs head_dim a multiple of 32, at most 512");
   launch(qk_prep_kernel, a.nh + a.nkv, a.hd, 0, s, a);
   launch(attn_partial_kernel, dim3(a.nh, kAttnSplits), kAttnWarps * 32, 0, s, a);
-  launch(attn_combine_kernel, a.nh, 128, 0, s, a);
+  launch(attn_combine_kernel, a.nh, kAttnCombineThreads, 0, s, a);
 }
 
 void deltanet(cudaStream_t s, const DeltaArgs& a) {
