@@ -25,7 +25,8 @@ if [[ $WHAT == all || $WHAT == chain ]]; then
 fi
 t0=$(date +%s)
 # sm_90 only: the H200 is the one GPU here, and it keeps the build short
-TRACE_ARG=$([[ $WHAT == trace ]] && echo "-DFLASHMOE_CUDA_TRACE=ON")
+# (explicit either way: the build folder is kept between calls, and with it the cached option)
+TRACE_ARG=-DFLASHMOE_CUDA_TRACE=$([[ $WHAT == trace ]] && echo ON || echo OFF)
 CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90 $TRACE_ARG" python3 -m pip install --no-build-isolation --no-deps -q . \
   > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"

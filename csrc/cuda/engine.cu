@@ -225,7 +225,7 @@ class CudaEngine final : public Engine {
   size_t state_floats_ = 0;
 
   // activations
-  DeviceArray<float> x_, h_, mixed_, z_, bgate_, agate_, o_, q_, kraw_, vraw_, attn_part_, attn_out_;
+  DeviceArray<float> x_, h_, mixed_, z_, gate_, bgate_, agate_, o_, q_, kraw_, vraw_, attn_part_, attn_out_;
   DeviceArray<float> router_logits_, shared_logit_, expert_w_, act_, y_, logits_;
   DeviceArray<int> expert_ids_, topk_counter_;
   DeviceArray<cuda::StepParams> step_;
@@ -434,6 +434,7 @@ void CudaEngine::allocate_state() {
   h_.alloc(size_t(H));
   mixed_.alloc(size_t(std::max<int64_t>(ch, 2 * int64_t(nh) * hd)));
   z_.alloc(size_t(vd));
+  gate_.alloc(size_t(vd));
   bgate_.alloc(size_t(nv));
   agate_.alloc(size_t(nv));
   o_.alloc(size_t(vd));
@@ -755,6 +756,7 @@ void CudaEngine::mixer(int l) {
     d.b = bgate_.p;
     d.a = agate_.p;
     d.z = z_.p;
+    d.gate = gate_.p;
     d.conv_w = w.conv_w;
     d.a_log = w.a_log;
     d.dt_bias = w.dt_bias;
@@ -771,7 +773,7 @@ void CudaEngine::mixer(int l) {
     cuda::PrologueArgs gated;
     gated.kind = cuda::Prologue::GatedNorm;
     gated.src = o_.p;
-    gated.gate = z_.p;
+    gated.gate = gate_.p;
     gated.w = w.out_norm;
     gated.eps = c_.rms_norm_eps;
     gated.head_dim = c_.lin_value_head_dim;

@@ -758,8 +758,7 @@ __global__ void __launch_bounds__(kDeltaWarps * 32) deltanet_kernel(DeltaArgs a)
   pdl_sync();
   const float xq = has_qk ? a.mixed[cq.chan] : 0.0f, xv = has_v ? a.mixed[cv.chan] : 0.0f;
   const float gb = a.b[j], ga = a.a[j];
-  float* z = a.z + int64_t(j) * dv + b;
-  if (has_v) *z = silu(*z);
+  if (has_v) a.gate[int64_t(j) * dv + b] = silu(a.z[int64_t(j) * dv + b]);
   float* qk = sh;           // [2*dk]: q then k of key head kh, normalised
   float* vs = qk + 2 * dk;  // [32]
   float* red = vs + 32;     // [2 * kDeltaWarps * 32]
@@ -834,10 +833,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) expert_gate_up_kernel(
   const bool routed = k >= 0;
   if (routed) {
     pdl_sync();  // the routed experts' ids are the router's output
-    // h (the router's output too) starts towards L1 before the id's round trip and the weight loads
-    // that follow it, which the prologue's loads of h would otherwise queue behind
-    for (int c = int(threadIdx.x); c < a.hidden / 32; c += int(blockDim.x))
-      asm volatile("prefetch.global.L1 [%0];" ::"l"(a.h + 32 * c));
     // the expert's down projection, which the next launch reads, split among this entry's blocks
     const PartDesc& d = a.down;
     const uint64_t end = d.bits == 16 ? d.data_off + uint64_t(d.rows) * d.cols * 2

@@ -134,7 +134,8 @@ struct DeltaArgs {
   const float* mixed = nullptr;  // [2*nk*dk + nv*dv] pre-conv q|k|v
   const float* b = nullptr;      // [nv] before sigmoid
   const float* a = nullptr;      // [nv] before softplus
-  float* z = nullptr;            // [nv*dv] the output gate's input, replaced by silu(z) for out_proj
+  const float* z = nullptr;      // [nv*dv] the output gate's input
+  float* gate = nullptr;         // [nv*dv] silu(z), for out_proj's prologue
   const float* conv_w = nullptr; // [channels, kernel]
   const float* a_log = nullptr;
   const float* dt_bias = nullptr;
