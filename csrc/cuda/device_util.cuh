@@ -108,7 +108,7 @@ __device__ inline void warp_topk_p(const TopkTail& t) {
   float sum = 0.0f;
 #pragma unroll
   for (int i = 0; i < P; ++i) {
-    v[i] = lane + 32 * i < E ? expf(v[i] - mx) : -1.0f;  // -1: never chosen
+    v[i] = lane + 32 * i < E ? expf(v[i] - mx) : -1.0f;  // -1: no expert, kept out of the sum
     sum += fmaxf(v[i], 0.0f);
   }
   sum = warp_sum(sum);
