@@ -21,6 +21,9 @@ if [[ $WHAT == all || $WHAT == chain ]]; then
   nvcc -O3 -std=c++17 -arch=sm_90 bench/chain_latency.cu -o /tmp/chain_latency && /tmp/chain_latency | tee "$OUT/chain_latency.txt"
   # what holds a block's row loop: the loads in flight or the arithmetic
   nvcc -O3 -std=c++17 -arch=sm_90 -Icsrc bench/stream_pattern.cu -o /tmp/stream_pattern && /tmp/stream_pattern | tee "$OUT/stream_pattern.txt"
+  # what every block of a launch reading the same input vector costs
+  nvcc -O3 -std=c++17 -arch=sm_90 bench/broadcast_read.cu -o /tmp/broadcast_read && /tmp/broadcast_read \
+    | tee "$OUT/broadcast_read.txt"
   [[ $WHAT == chain ]] && exit "${PIPESTATUS[0]}"
 fi
 t0=$(date +%s)
