@@ -24,6 +24,9 @@ if [[ $WHAT == all || $WHAT == chain ]]; then
   # what every block of a launch reading the same input vector costs
   nvcc -O3 -std=c++17 -arch=sm_90 bench/broadcast_read.cu -o /tmp/broadcast_read && /tmp/broadcast_read \
     | tee "$OUT/broadcast_read.txt"
+  # whether a slice read from L2 is slower when another SM pulled it in (the L2's two partitions)
+  nvcc -O3 -std=c++17 -arch=sm_90 -Icsrc bench/l2_locality.cu -o /tmp/l2_locality && /tmp/l2_locality \
+    | tee "$OUT/l2_locality.txt"
   [[ $WHAT == chain ]] && exit "${PIPESTATUS[0]}"
 fi
 t0=$(date +%s)
