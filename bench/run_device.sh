@@ -91,7 +91,7 @@ fi
 if [[ $WHAT == trace ]]; then
   FLASHMOE_CUDA_TRACE="$OUT/trace.bin" timeout 300 python3 bench/cuda_bench.py --work /tmp/fmbench \
     --out "$OUT" --resident-only 2>&1 | grep "^resident"
-  python3 bench/trace_summary.py "$OUT/trace.bin" --first 54 --count 14 | tee "$OUT/trace.txt"
+  python3 bench/trace_summary.py "$OUT/trace.bin" --first 47 --count 12 | tee "$OUT/trace.txt"
   status=${PIPESTATUS[0]}
 fi
 exit $status

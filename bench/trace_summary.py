@@ -7,7 +7,7 @@ end (microseconds from the window's first start; medians over the launch's block
 of the token each kind of launch holds on the critical path: from its predecessor's last block's
 end to its own last block's end.
 
-    python bench/trace_summary.py trace.bin [--first 54] [--count 14]
+    python bench/trace_summary.py trace.bin [--first 47] [--count 12]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 MARKS = ("start", "waited", "loaded", "normed", "ready", "end")
-KERNELS = ("matvec", "gate_up", "down", "combine", "deltanet")
+KERNELS = ("matvec", "gate_up", "down", "deltanet")
 KERNELS += ("embed", "qk_prep", "attn_part", "attn_comb")
 FIELDS = [("t", "<u8", len(MARKS)), ("kernel", "<u4"), ("blocks", "<u4")]
 RECORD = np.dtype(FIELDS + [("block", "<u4"), ("sm", "<u4")])
@@ -44,8 +44,13 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("trace", type=Path)
-    p.add_argument("--first", type=int, default=54, help="first launch of the window (54: layer 8)")
-    p.add_argument("--count", type=int, default=14)
+    p.add_argument(
+        "--first",
+        type=int,
+        default=47,
+        help="first launch of the window (47: layer 7's split attention)",
+    )
+    p.add_argument("--count", type=int, default=12)
     args = p.parse_args()
     records = np.fromfile(args.trace, dtype=RECORD)
     if len(records) == 0:

@@ -55,19 +55,27 @@ __device__ __forceinline__ void pdl_sync() {
   pdl_trigger();
 }
 
-// Share `part` of `parts` of bytes [ptr, ptr + bytes) pulled into L2 (sm_90; a no-op before).
-__device__ __forceinline__ void prefetch_slice(const void* ptr, uint64_t bytes, uint64_t part, uint64_t parts) {
+// Bytes [ptr, ptr + bytes) pulled into L2 by one bulk prefetch (sm_90; a no-op before), its ends
+// rounded down to 16 bytes.
+__device__ __forceinline__ void prefetch_l2(const void* ptr, uint64_t bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   const uint64_t p = reinterpret_cast<uint64_t>(ptr);
-  const uint64_t lo = (p + bytes * part / parts) & ~uint64_t(15), hi = (p + bytes * (part + 1) / parts) & ~uint64_t(15);
+  const uint64_t lo = p & ~uint64_t(15), hi = (p + bytes) & ~uint64_t(15);
   if (hi > lo) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(lo), "r"(uint32_t(hi - lo)) : "memory");
 #endif
 }
 
-// This block's share of each prefetch range (thread r issues range r).
-__device__ __forceinline__ void prefetch_l2(const Prefetch& f) {
-  const int r = int(threadIdx.x);
-  if (r < f.n) prefetch_slice(f.p[r], f.bytes[r], blockIdx.x, gridDim.x);
+// Rows [r0, r1) of m (its data, and for q4/q8 its scales and biases: each a contiguous range)
+// pulled into L2 by threads 0-2 of the block that will read them, before its wait, so that the
+// DRAM stream starts while the previous launch runs. (Measured faster than an earlier launch
+// prefetching them for it: docs/cuda.md.)
+__device__ __forceinline__ void prefetch_rows(const DevMat& m, int r0, int r1) {
+  if (r1 <= r0 || threadIdx.x > 2 || (threadIdx.x > 0 && m.bits == 16)) return;
+  const uint64_t per_row = threadIdx.x == 0 ? uint64_t(m.cols) * m.bits / 8 : uint64_t(m.cols / 64) * 2;
+  const uint8_t* base = threadIdx.x == 0   ? m.data
+                        : threadIdx.x == 1 ? reinterpret_cast<const uint8_t*>(m.scales)
+                                           : reinterpret_cast<const uint8_t*>(m.biases);
+  prefetch_l2(base + per_row * r0, per_row * (r1 - r0));
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -150,11 +158,12 @@ __device__ inline void warp_topk(const TopkTail& t) {
 }
 
 // One token's MoE output at column c: sigmoid(shared_logit) * y_shared[c] + sum_j weights[j] *
-// y_routed[j * hidden + c], in that order (the same bits whichever launches computed the y).
+// y_routed[j * hidden + c], in that order (the same bits whichever launches computed the y). The
+// y are read from L2: the decode path sums them in the launch whose other blocks wrote them.
 __device__ __forceinline__ float moe_output(float shared_logit, const float* y_shared, const float* weights,
                                             const float* y_routed, int k, int hidden, int c) {
-  float out = sigmoid(shared_logit) * y_shared[c];
-  for (int j = 0; j < k; ++j) out += weights[j] * y_routed[int64_t(j) * hidden + c];
+  float out = sigmoid(shared_logit) * __ldcg(y_shared + c);
+  for (int j = 0; j < k; ++j) out += __ldcg(weights + j) * __ldcg(y_routed + int64_t(j) * hidden + c);
   return out;
 }
 

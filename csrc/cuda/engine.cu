@@ -125,24 +125,6 @@ struct CudaLayer {
   float* ssm = nullptr;   // [nv, dk, dv]
 };
 
-// The weights of a layer's first mixer launch (q/k/v or in_proj), and those of its MoE that do
-// not depend on the routing (router, shared expert): an earlier launch of the token pulls them
-// into L2 (cuda::Prefetch).
-cuda::Prefetch mixer_entry_weights(const CudaLayer& w) {
-  cuda::Prefetch f;
-  if (w.type == LayerType::FullAttention) {
-    for (const DevMat* m : {&w.q_proj, &w.k_proj, &w.v_proj}) f.add(*m);
-  } else {
-    for (const DevMat* m : {&w.in_qkv, &w.in_z, &w.in_b, &w.in_a}) f.add(*m);
-  }
-  return f;
-}
-cuda::Prefetch moe_static_weights(const CudaLayer& w) {
-  cuda::Prefetch f;
-  for (const DevMat* m : {&w.router, &w.shared_gate, &w.sh_gate, &w.sh_up, &w.sh_down}) f.add(*m);
-  return f;
-}
-
 // Events of one layer for the per-phase timing (EngineOptions::profile).
 enum { kEvMixer, kEvRouter, kEvRouted, kEvExpA0, kEvExpA1, kEvExpB0, kEvExpB1, kEvPerLayer };
 
@@ -227,7 +209,7 @@ class CudaEngine final : public Engine {
   // activations
   DeviceArray<float> x_, h_, mixed_, z_, gate_, bgate_, agate_, o_, q_, kraw_, vraw_, attn_part_, attn_out_;
   DeviceArray<float> router_logits_, shared_logit_, expert_w_, act_, y_, logits_;
-  DeviceArray<int> expert_ids_, topk_counter_;
+  DeviceArray<int> expert_ids_, topk_counter_, row_counters_;
   DeviceArray<cuda::StepParams> step_;
   int act_stride_ = 0;
   PinnedArray<cuda::StepParams> h_step_;
@@ -448,6 +430,8 @@ void CudaEngine::allocate_state() {
   expert_ids_.alloc(size_t(k_));
   topk_counter_.alloc(1);
   FM_CUDA(cudaMemset(topk_counter_.p, 0, sizeof(int)));
+  row_counters_.alloc(size_t(H));
+  FM_CUDA(cudaMemset(row_counters_.p, 0, size_t(H) * sizeof(int)));
   expert_w_.alloc(size_t(k_));
   act_stride_ = (std::max(I, Is) + 3) / 4 * 4;
   act_.alloc(size_t(k_ + 1) * size_t(act_stride_));
@@ -621,12 +605,14 @@ void CudaEngine::prefill(const int32_t* tokens, int64_t n, float* logits) {
 }
 
 // After a failed expert read the layer was left half done and the cache may name blocks that never
-// arrived: reads in flight are waited out, the cache forgets everything, and tokens are refused
-// until reset() or restore().
+// arrived: reads in flight are waited out, the cache forgets everything, the down launch's row
+// counters (the hits' launch may have counted without the misses') restart at zero, and tokens
+// are refused until reset() or restore().
 void CudaEngine::break_state(const std::exception& e) {
   store_.drain();
   cudaStreamSynchronize(copy_stream_);
   cudaStreamSynchronize(stream_);
+  cudaMemset(row_counters_.p, 0, size_t(c_.hidden_size) * sizeof(int));
   if (policy_) policy_ = make_policy();
   broken_ = e.what();
 }
@@ -715,9 +701,7 @@ void CudaEngine::mixer(int l) {
     jobs[0].m = w.q_proj, jobs[0].out = mixed_.p;
     jobs[1].m = w.k_proj, jobs[1].out = kraw_.p;
     jobs[2].m = w.v_proj, jobs[2].out = vraw_.p;
-    cuda::Prefetch next;
-    next.add(w.o_proj);
-    cuda::matvec(stream_, norm, H, jobs, 3, sms_, nullptr, &next);
+    cuda::matvec(stream_, norm, H, jobs, 3, sms_);
     cuda::AttnArgs a;
     a.qg = mixed_.p;
     a.kraw = kraw_.p;
@@ -740,17 +724,14 @@ void CudaEngine::mixer(int l) {
     copy.src = attn_out_.p;
     cuda::MatvecJob o;
     o.m = w.o_proj, o.out = x_.p, o.accumulate = true;
-    const cuda::Prefetch moe_weights = moe_static_weights(w);
-    cuda::matvec(stream_, copy, c_.num_heads * c_.head_dim, &o, 1, sms_, nullptr, &moe_weights);
+    cuda::matvec(stream_, copy, c_.num_heads * c_.head_dim, &o, 1, sms_);
   } else {
     cuda::MatvecJob jobs[4];
     jobs[0].m = w.in_qkv, jobs[0].out = mixed_.p;
     jobs[1].m = w.in_z, jobs[1].out = z_.p;
     jobs[2].m = w.in_b, jobs[2].out = bgate_.p;
     jobs[3].m = w.in_a, jobs[3].out = agate_.p;
-    cuda::Prefetch next;
-    next.add(w.out_proj);
-    cuda::matvec(stream_, norm, H, jobs, 4, sms_, nullptr, &next);
+    cuda::matvec(stream_, norm, H, jobs, 4, sms_);
     cuda::DeltaArgs d;
     d.mixed = mixed_.p;
     d.b = bgate_.p;
@@ -779,9 +760,7 @@ void CudaEngine::mixer(int l) {
     gated.head_dim = c_.lin_value_head_dim;
     cuda::MatvecJob out;
     out.m = w.out_proj, out.out = x_.p, out.accumulate = true;
-    const cuda::Prefetch moe_weights = moe_static_weights(w);
-    cuda::matvec(stream_, gated, c_.lin_num_value_heads * c_.lin_value_head_dim, &out, 1, sms_, nullptr,
-                 &moe_weights);
+    cuda::matvec(stream_, gated, c_.lin_num_value_heads * c_.lin_value_head_dim, &out, 1, sms_);
   }
 }
 
@@ -805,6 +784,8 @@ cuda::ExpertArgs CudaEngine::expert_args(int l) const {
   a.act_stride = act_stride_;
   a.y = y_.p;
   a.x = x_.p;
+  a.row_counters = row_counters_.p;
+  a.k = k_;
   a.layer = l;
   a.num_experts = c_.num_experts;
   a.hidden = c_.hidden_size;
@@ -831,9 +812,7 @@ void CudaEngine::moe(int l) {
   topk.renormalize = c_.norm_topk_prob;
   topk.ids = expert_ids_.p;
   topk.weights = expert_w_.p;
-  const cuda::Prefetch next_mixer =
-      l + 1 < c_.num_layers ? mixer_entry_weights(layers_[size_t(l + 1)]) : cuda::Prefetch();
-  cuda::matvec(stream_, norm, H, jobs, 2, sms_, &topk, &next_mixer);
+  cuda::matvec(stream_, norm, H, jobs, 2, sms_, &topk);
   record(l, kEvRouted);
   const cuda::ExpertArgs args = expert_args(l);
 
@@ -846,7 +825,6 @@ void CudaEngine::moe(int l) {
     cuda::experts(stream_, args, all, sms_);
     record(l, kEvExpA1);
     record(l, kEvExpB0);
-    cuda::expert_combine(stream_, args, k_);
     record(l, kEvExpB1);
     return;  // hits are counted per token in forward(): a graph replay runs no host code
   }
@@ -893,7 +871,6 @@ void CudaEngine::moe(int l) {
   }
   record(l, kEvExpB0);
   if (misses.n > 0) cuda::experts(stream_, args, misses, sms_);
-  cuda::expert_combine(stream_, args, k_);
   record(l, kEvExpB1);
   stats_.expert_cache_hits += uint64_t(hits.n - 1);
   stats_.expert_cache_misses += uint64_t(misses.n);

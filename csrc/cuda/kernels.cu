@@ -551,8 +551,12 @@ struct MatvecParams {
   int first_block[kMaxJobs + 1] = {};
   int rows_per_block[kMaxJobs] = {};
   TopkTail tail;
-  Prefetch prefetch;
+  bool own_rows = false;  // each block pulls its own rows into L2 at its start
 };
+
+// Launches whose weights take at most this many bytes (half the H200's 50 MB L2) pull each
+// block's rows into L2 at the block's start; lm_head's 286 MB would evict its own rows.
+constexpr uint64_t kOwnRowsMaxBytes = uint64_t(24) << 20;
 
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) matvec_kernel(const __grid_constant__ MatvecParams p) {
   extern __shared__ float4 smem4[];
@@ -566,7 +570,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) matvec_kernel(const __
   vec_smem_floats(p.cols, &vs, reinterpret_cast<float*>(smem4));
   float* out = job.out;
   const bool acc = job.accumulate;
-  prefetch_l2(p.prefetch);
+  if (p.own_rows) prefetch_rows(job.m, r0, r1);
   rows_dot<1>(
       &job.m, r0, r1, vs,
       [&] {
@@ -831,16 +835,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) expert_gate_up_kernel(
   const ExpertArgs& a = p.a;
   const int j = entry_of_block(p), k = p.b.k[j];
   const bool routed = k >= 0;
-  if (routed) {
-    pdl_sync();  // the routed experts' ids are the router's output
-    // the expert's down projection, which the next launch reads, split among this entry's blocks
-    const PartDesc& d = a.down;
-    const uint64_t end = d.bits == 16 ? d.data_off + uint64_t(d.rows) * d.cols * 2
-                                      : d.biases_off + uint64_t(d.rows) * (d.cols / 64) * 2;
-    if (threadIdx.x == 0)
-      prefetch_slice(expert_block(a, k, p.b.slot[j]) + d.data_off, end - d.data_off,
-                     blockIdx.x - p.first_block[j], p.first_block[j + 1] - p.first_block[j]);
-  }
+  if (routed) pdl_sync();  // the routed experts' ids are the router's output
   DevMat m[2];
   if (routed) {
     const uint8_t* base = expert_block(a, k, p.b.slot[j]);
@@ -852,6 +847,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) expert_gate_up_kernel(
   }
   const int r0 = (int(blockIdx.x) - p.first_block[j]) * p.rows_per_block[j];
   const int r1 = min(m[0].rows, r0 + p.rows_per_block[j]);
+  if (!routed) prefetch_rows(m[0], r0, r1), prefetch_rows(m[1], r0, r1);
   VecSmem vs;
   vec_smem_floats(a.hidden, &vs, reinterpret_cast<float*>(smem4));
   PrologueArgs copy;
@@ -877,6 +873,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) expert_down_kernel(con
   const DevMat m = k < 0 ? a.shared_down : part_at(expert_block(a, k, p.b.slot[j]), a.down);
   const int r0 = (int(blockIdx.x) - p.first_block[j]) * p.rows_per_block[j];
   const int r1 = min(m.rows, r0 + p.rows_per_block[j]);
+  prefetch_rows(m, r0, r1);
   VecSmem vs;
   vec_smem_floats(m.cols, &vs, reinterpret_cast<float*>(smem4));
   PrologueArgs copy;
@@ -889,15 +886,20 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) expert_down_kernel(con
         load_x(copy, m.cols, vs, m.bits == 4);
       },
       [&](int r, float v) { y[r] = v; });
+  // the last of the layer's entries to finish this row range adds the MoE output to its rows (each
+  // block's y writes are fenced before it counts)
+  const int range = int(blockIdx.x) - p.first_block[j];
+  __shared__ int last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(a.row_counters + range, 1) == a.k;
+  __syncthreads();
+  if (last) {
+    for (int r = r0 + int(threadIdx.x); r < r1; r += int(blockDim.x))
+      a.x[r] = __ldcg(a.x + r) + moe_output(__ldcg(a.shared_logit), a.y, a.weights, a.y + a.hidden, a.k, a.hidden, r);
+    if (threadIdx.x == 0) a.row_counters[range] = 0;
+  }
   trace::end(trace::kDown);
-}
-
-__global__ void expert_combine_kernel(ExpertArgs a, int K) {
-  trace::begin();
-  pdl_sync();
-  const int r = blockIdx.x * blockDim.x + threadIdx.x;
-  if (r < a.hidden) a.x[r] += moe_output(a.shared_logit[0], a.y, a.weights, a.y + a.hidden, K, a.hidden, r);
-  trace::end(trace::kCombine);
 }
 
 DevMat part_shape(const PartDesc& d) {
@@ -926,19 +928,8 @@ void set_smem_limits(size_t bytes) {
   FM_CUDA(cudaFuncSetAttribute(expert_down_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, b));
 }
 
-void Prefetch::add(const void* ptr, uint64_t size) {
-  if (n == kMaxPrefetch) throw std::logic_error("Prefetch: more than kMaxPrefetch ranges");
-  p[n] = ptr, bytes[n] = size, ++n;
-}
-
-void Prefetch::add(const DevMat& m) {
-  const uint64_t weights = uint64_t(m.rows) * uint64_t(m.cols);
-  add(m.data, weights * uint64_t(m.bits) / 8);
-  if (m.bits != 16) add(m.scales, weights / 64 * 2), add(m.biases, weights / 64 * 2);
-}
-
 void matvec(cudaStream_t s, const PrologueArgs& pro, int cols, const MatvecJob* jobs, int njobs, int sms,
-            const TopkTail* tail, const Prefetch* prefetch) {
+            const TopkTail* tail) {
   if (njobs < 1 || njobs > kMaxJobs) throw std::logic_error("matvec: 1..kMaxJobs jobs per launch");
   if (cols > kMaxCols) throw std::invalid_argument("CUDA matvec inputs are at most kMaxCols (8192) wide");
   const int hd8 = pro.head_dim / 8;
@@ -956,12 +947,14 @@ void matvec(cudaStream_t s, const PrologueArgs& pro, int cols, const MatvecJob* 
     shapes[j] = jobs[j].m;
   }
   const int blocks = plan_launch(shapes, njobs, 1, sms, p.rows_per_block, p.first_block);
+  uint64_t bytes = 0;
+  for (int j = 0; j < njobs; ++j) bytes += uint64_t(shapes[j].rows) * shapes[j].cols * shapes[j].bits / 8;
+  p.own_rows = bytes <= kOwnRowsMaxBytes;
   if (tail) {
     if (tail->k < 1 || tail->k >= kMaxExperts || tail->num_experts > 32 * kTopkPerLane || tail->k > tail->num_experts)
       throw std::invalid_argument("CUDA router: 1..32 experts per token out of at most 1024");
     p.tail = *tail;
   }
-  if (prefetch) p.prefetch = *prefetch;
   launch(matvec_kernel, blocks, kThreads, matvec_smem_bytes(cols), s, p);
 }
 
@@ -1020,14 +1013,20 @@ void experts(cudaStream_t s, const ExpertArgs& a, const ExpertBatch& batch, int 
   // gate/up: rows of the intermediate size; input h
   int blocks = plan(a.shared_up, routed_up, 2);
   launch(expert_gate_up_kernel, blocks, kThreads, matvec_smem_bytes(a.hidden), s, p);
-  // down: rows of hidden; input act
-  blocks = plan(a.shared_down, routed_down, 1);
+  // down: rows of hidden, input act. Every entry of every batch takes the same row ranges (the
+  // combine counts entries per range): those of a launch of all k + 1 entries, planned for the
+  // wider of the two shapes (whose partial sums bound the rows per block).
+  const DevMat& wider = a.shared_down.cols > routed_down.cols ? a.shared_down : routed_down;
+  DevMat shapes[kMaxExperts];
+  int rows[kMaxExperts], first[kMaxExperts + 1];
+  for (int j = 0; j <= a.k; ++j) shapes[j] = wider;
+  plan_launch(shapes, a.k + 1, 1, sms, rows, first);
+  const int ranges = (wider.rows + rows[0] - 1) / rows[0];
+  for (int j = 0; j < batch.n; ++j) p.rows_per_block[j] = rows[0];
+  for (int j = 0; j <= batch.n; ++j) p.first_block[j] = j * ranges;
+  blocks = batch.n * ranges;
   const int widest = std::max(a.shared_down.cols, routed_down.cols);
   launch(expert_down_kernel, blocks, kThreads, matvec_smem_bytes(widest), s, p);
-}
-
-void expert_combine(cudaStream_t s, const ExpertArgs& a, int k) {
-  launch(expert_combine_kernel, (a.hidden + 255) / 256, 256, 0, s, a, k);
 }
 
 }  // namespace fm::cuda

@@ -79,25 +79,13 @@ struct TopkTail {
   float* weights = nullptr;
 };
 
-// Weights a later launch reads, pulled into L2 by this launch's blocks (each its share of every
-// range, with cp.async.bulk.prefetch on sm_90) so that the DRAM stream runs on through launch
-// gaps, prologues and reductions. Ranges whose size is not a multiple of 16 lose their tail.
-constexpr int kMaxPrefetch = 16;
-struct Prefetch {
-  const void* p[kMaxPrefetch] = {};
-  uint64_t bytes[kMaxPrefetch] = {};
-  int n = 0;
-  void add(const void* ptr, uint64_t size);
-  void add(const DevMat& m);  // its data, scales and biases
-};
-
 // Launch kernels with programmatic dependent launch (sm_90 and newer), so that each kernel's
 // launch and first weight loads overlap its predecessor. The engine turns it on per device.
 void set_programmatic_launch(bool on);
 
 // out_j = W_j x for up to kMaxJobs matrices of `cols` columns sharing the prologue's x.
 void matvec(cudaStream_t s, const PrologueArgs& pro, int cols, const MatvecJob* jobs, int njobs, int sms,
-            const TopkTail* tail = nullptr, const Prefetch* prefetch = nullptr);
+            const TopkTail* tail = nullptr);
 
 // Shared memory a launch of `cols` columns needs; the engine raises the kernels' limits once.
 size_t matvec_smem_bytes(int cols);
@@ -168,13 +156,15 @@ struct ExpertArgs {
   int act_stride = 0;
   float* y = nullptr;                   // [1 + k, hidden]: down act, shared first
   float* x = nullptr;                   // residual stream
+  int* row_counters = nullptr;          // [hidden], 0 between layers: entries done per row range
   int layer = 0, num_experts = 0, hidden = 0;
+  int k = 0;                            // routed experts per token (the layer's entries: k + 1)
 };
-// act and y of the batch's entries (two launches: gate/up with SwiGLU, then down).
+// act and y of the batch's entries (two launches: gate/up with SwiGLU, then down). Down splits
+// hidden into the same row ranges for every entry (whatever batch it is in), and the last block
+// to finish a range over the layer's k + 1 entries adds the MoE output to those rows of x:
+// sigmoid(shared_logit) * y_shared + sum_k weights[k] * y_k, in that order (the same bits however
+// the experts were split between cache hits and misses).
 void experts(cudaStream_t s, const ExpertArgs& a, const ExpertBatch& batch, int sms);
-// x += sigmoid(shared_logit) * y_shared + sum_k weights[k] * y_k, in that order whatever batches
-// computed the y (the sum is the same bits however the experts were split between cache hits and
-// misses).
-void expert_combine(cudaStream_t s, const ExpertArgs& a, int k);
 
 }  // namespace fm::cuda

@@ -11,7 +11,7 @@
 namespace fm::cuda::trace {
 
 enum Mark { kStart, kWaited, kLoaded, kNormed, kReady, kEnd, kMarks };
-enum Kernel { kMatvec, kGateUp, kDown, kCombine, kDeltaNet, kEmbed, kQkPrep, kAttnPartial, kAttnCombine };
+enum Kernel { kMatvec, kGateUp, kDown, kDeltaNet, kEmbed, kQkPrep, kAttnPartial, kAttnCombine };
 
 // One block of one launch; launches follow in the order of their start times.
 struct Record {
