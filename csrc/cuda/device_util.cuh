@@ -65,17 +65,22 @@ __device__ __forceinline__ void prefetch_l2(const void* ptr, uint64_t bytes) {
 #endif
 }
 
-// Rows [r0, r1) of m (its data, and for q4/q8 its scales and biases: each a contiguous range)
-// pulled into L2 by threads 0-2 of the block that will read them, before its wait, so that the
-// DRAM stream starts while the previous launch runs. (Measured faster than an earlier launch
-// prefetching them for it: docs/cuda.md.)
+// Rows [r0, r1) of m pulled into L2 by the block that will read them, before its wait, so that the
+// DRAM stream starts while the previous launch runs (measured faster than an earlier launch
+// prefetching them for it: docs/cuda.md). Thread 0 takes the data; q8's scales and biases are two
+// more ranges, q4's pairs one range per group (threads 1..groups).
 __device__ __forceinline__ void prefetch_rows(const DevMat& m, int r0, int r1) {
-  if (r1 <= r0 || threadIdx.x > 2 || (threadIdx.x > 0 && m.bits == 16)) return;
-  const uint64_t per_row = threadIdx.x == 0 ? uint64_t(m.cols) * m.bits / 8 : uint64_t(m.cols / 64) * 2;
-  const uint8_t* base = threadIdx.x == 0   ? m.data
-                        : threadIdx.x == 1 ? reinterpret_cast<const uint8_t*>(m.scales)
-                                           : reinterpret_cast<const uint8_t*>(m.biases);
-  prefetch_l2(base + per_row * r0, per_row * (r1 - r0));
+  const int t = int(threadIdx.x);
+  if (r1 <= r0) return;
+  if (t == 0) {
+    const uint64_t row = uint64_t(m.cols) * m.bits / 8;
+    prefetch_l2(m.data + row * r0, row * (r1 - r0));
+  } else if (m.bits == 8 && t <= 2) {
+    const uint64_t row = uint64_t(m.cols / 64) * 2;
+    prefetch_l2(reinterpret_cast<const uint8_t*>(t == 1 ? m.scales : m.biases) + row * r0, row * (r1 - r0));
+  } else if (m.bits == 4 && t <= m.cols / 64) {
+    prefetch_l2(reinterpret_cast<const uint32_t*>(m.scales) + int64_t(t - 1) * m.rows + r0, uint64_t(r1 - r0) * 4);
+  }
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -218,9 +223,13 @@ constexpr int kMaxHeadDim = 512;
 __device__ __forceinline__ float embed_value(const DevMat& t, int64_t row, int c) {
   const int cols = t.cols;
   if (t.bits == 16) return bf16f(reinterpret_cast<const uint16_t*>(t.data)[row * cols + c]);
-  const int64_t g = row * (cols / 64) + c / 64;
-  const uint32_t q = t.bits == 8 ? t.data[row * cols + c] : (t.data[(row * cols + c) / 2] >> (4 * (c & 1))) & 15u;
-  return float(q) * bf16f(t.scales[g]) + bf16f(t.biases[g]);
+  if (t.bits == 8) {
+    const int64_t g = row * (cols / 64) + c / 64;
+    return float(t.data[row * cols + c]) * bf16f(t.scales[g]) + bf16f(t.biases[g]);
+  }
+  const uint32_t q = (t.data[(row * cols + c) / 2] >> (4 * (c & 1))) & 15u;
+  const uint32_t pair = reinterpret_cast<const uint32_t*>(t.scales)[int64_t(c / 64) * t.rows + row];
+  return float(q) * __uint_as_float(pair << 16) + __uint_as_float(pair & 0xFFFF0000u);
 }
 
 // Zero-centred RMSNorm of one head (src[hd], weight 1 + w) and partial NeoX RoPE at `pos`, by a

@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <set>
 
 #include "cuda/kernels.cuh"
 #include "cuda/trace.cuh"
@@ -155,7 +156,8 @@ class CudaEngine final : public Engine {
   std::string describe() const override;
 
  private:
-  DevMat dmat(const std::string& name) const;
+  DevMat dmat(const std::string& name);
+  void copy_expert_block(uint8_t* slot, const uint8_t* src);
   const float* dvec(const std::string& name, int64_t n) const;
   cuda::PartDesc part(const TensorInfo& t) const;
   void upload_weights();
@@ -218,6 +220,8 @@ class CudaEngine final : public Engine {
 
   // expert cache
   DeviceArray<uint8_t> cache_;
+  DeviceArray<uint8_t> pairs_tmp_;   // copy_expert_block's scratch (q4_group_major)
+  std::set<const void*> q4_paired_;  // q4 weights whose scales are pairs already
   int capacity_ = 0;  // blocks
   bool resident_ = false;
   std::unique_ptr<ExpertCachePolicy> policy_;
@@ -297,19 +301,40 @@ CudaEngine::~CudaEngine() {
   cudaStreamSynchronize(copy_stream_);
 }
 
-DevMat CudaEngine::dmat(const std::string& name) const {
+// A matrix of the uploaded weights; a q4 one's scales and biases become pairs (q4_group_major) the
+// first time it is asked for.
+DevMat CudaEngine::dmat(const std::string& name) {
   const Matrix host = model_.matrix(name);  // validates presence and layout
   const TensorInfo& t = tensors_.at(name);
   const Matrix m = matrix_at(weights_.p, t);
   DevMat d;
   d.data = m.data;
   d.scales = m.scales;
-  d.biases = m.biases;
   d.rows = int(host.rows);
   d.cols = int(host.cols);
   d.bits = dtype_bits(t.dtype);
   if (d.bits == 32) throw std::invalid_argument("tensor '" + name + "': f32 matrices are not supported on CUDA");
+  if (d.bits == 8) d.biases = m.biases;
+  if (d.bits == 4 && q4_paired_.insert(d.scales).second) {
+    DeviceArray<uint8_t> tmp;
+    tmp.alloc(cuda::q4_pairs_bytes(d.rows, d.cols));
+    uint8_t* scales = weights_.p + (reinterpret_cast<const uint8_t*>(m.scales) - weights_.p);
+    cuda::q4_group_major(stream_, scales, reinterpret_cast<const uint8_t*>(m.biases), d.rows, d.cols, tmp.p);
+    FM_CUDA(cudaStreamSynchronize(stream_));  // before tmp goes
+  }
   return d;
+}
+
+// An expert block from host memory into a cache slot, its q4 parts' scales and biases made pairs,
+// on the copy stream.
+void CudaEngine::copy_expert_block(uint8_t* slot, const uint8_t* src) {
+  const ExpertLayout& L = model_.experts();
+  FM_CUDA(cudaMemcpyAsync(slot, src, L.block_bytes, cudaMemcpyHostToDevice, copy_stream_));
+  for (const TensorInfo* t : {&L.gate, &L.up, &L.down}) {
+    const cuda::PartDesc d = part(*t);
+    if (d.bits == 4)
+      cuda::q4_group_major(copy_stream_, slot + d.scales_off, slot + d.biases_off, d.rows, d.cols, pairs_tmp_.p);
+  }
 }
 
 const float* CudaEngine::dvec(const std::string& name, int64_t n) const {
@@ -509,6 +534,9 @@ void CudaEngine::setup_expert_cache(double cache_gb) {
                              std::to_string(k_) + " are needed");
   capacity_ = int(cap);
   cache_.alloc(size_t(cap) * L.block_stride);
+  size_t tmp = 0;
+  for (const TensorInfo* t : {&L.gate, &L.up, &L.down}) tmp = std::max(tmp, cuda::q4_pairs_bytes(int(t->rows()), int(t->cols())));
+  pairs_tmp_.alloc(tmp);
   if (resident_)
     preload_experts();
   else
@@ -532,8 +560,7 @@ void CudaEngine::preload_experts() {
   for (int64_t i = 0; i < n; ++i) {
     const int s = int(i % S);
     const uint8_t* src = store_.wait(s);
-    FM_CUDA(cudaMemcpyAsync(cache_.p + uint64_t(i) * L.block_stride, src, L.block_bytes, cudaMemcpyHostToDevice,
-                            copy_stream_));
+    copy_expert_block(cache_.p + uint64_t(i) * L.block_stride, src);
     FM_CUDA(cudaEventRecord(copied[size_t(s)]->e, copy_stream_));
     if (i + S < n) {
       FM_CUDA(cudaEventSynchronize(copied[size_t(s)]->e));
@@ -862,8 +889,7 @@ void CudaEngine::moe(int l) {
       const auto t0 = Clock::now();
       const uint8_t* src = store_.wait(m);
       stats_.expert_io_wait_ms += ms_since(t0);
-      FM_CUDA(cudaMemcpyAsync(cache_.p + uint64_t(misses.slot[m]) * L.block_stride, src, L.block_bytes,
-                              cudaMemcpyHostToDevice, copy_stream_));
+      copy_expert_block(cache_.p + uint64_t(misses.slot[m]) * L.block_stride, src);
       stats_.bytes_h2d += L.block_bytes;
     }
     FM_CUDA(cudaEventRecord(copied_.e, copy_stream_));
@@ -887,10 +913,8 @@ cuda::PartDesc part_from(const uint8_t* base, const DevMat& m) {
   d.cols = m.cols;
   d.bits = m.bits;
   d.data_off = uint64_t(m.data - base);
-  if (m.bits != 16) {
-    d.scales_off = uint64_t(reinterpret_cast<const uint8_t*>(m.scales) - base);
-    d.biases_off = uint64_t(reinterpret_cast<const uint8_t*>(m.biases) - base);
-  }
+  if (m.bits != 16) d.scales_off = uint64_t(reinterpret_cast<const uint8_t*>(m.scales) - base);
+  if (m.bits == 8) d.biases_off = uint64_t(reinterpret_cast<const uint8_t*>(m.biases) - base);
   return d;
 }
 
@@ -1067,8 +1091,7 @@ void CudaEngine::chunk_experts(int l, int m) {
       const auto t0 = Clock::now();
       const uint8_t* src = store_.wait(s);
       stats_.expert_io_wait_ms += ms_since(t0);
-      FM_CUDA(cudaMemcpyAsync(cache_.p + uint64_t(miss_slots[size_t(i)]) * L.block_stride, src, L.block_bytes,
-                              cudaMemcpyHostToDevice, copy_stream_));
+      copy_expert_block(cache_.p + uint64_t(miss_slots[size_t(i)]) * L.block_stride, src);
       FM_CUDA(cudaEventRecord(slot_copied_[size_t(s)]->e, copy_stream_));
       stats_.bytes_h2d += L.block_bytes;
       ready.push_back(misses[size_t(i)]);

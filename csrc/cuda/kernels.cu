@@ -240,11 +240,12 @@ __device__ __forceinline__ void mma_u8s8(int (&d)[4], uint32_t a0, uint32_t a1, 
 }
 
 // One lane's loads of one (tile, step) of N same-shaped q4 matrices: rows g and g + 8 (h = 0, 1),
-// with the scale and bias of its group (the bias on even lanes only: one per group and row).
+// with the (scale, bias) pair of its group (q4_group_major; the bias counts on even lanes only:
+// one per group and row).
 template <int N>
 struct Q4Stage {
   uint4 w[N][2];
-  uint16_t sc[N][2], bi[N][2];
+  uint32_t sb[N][2];
 
   __device__ __forceinline__ void issue(const DevMat* m, int row, int r1, int step, int t) {
     const int groups = m[0].cols / 64, G = 2 * step + (t >> 1);
@@ -254,11 +255,9 @@ struct Q4Stage {
       for (int h = 0; h < 2; ++h) {
         const int r = row + 8 * h;
         const bool ok = r < r1 && G < groups;
-        const size_t gi = size_t(r) * groups + G;
         w[n][h] = ok ? load_stream(reinterpret_cast<const uint4*>(m[n].data) + size_t(r) * (m[0].cols / 32) + 4 * step + t)
                      : make_uint4(0, 0, 0, 0);
-        sc[n][h] = ok ? m[n].scales[gi] : uint16_t(0);
-        bi[n][h] = ok && !(t & 1) ? m[n].biases[gi] : uint16_t(0);
+        sb[n][h] = ok ? reinterpret_cast<const uint32_t*>(m[n].scales)[size_t(G) * m[0].rows + r] : 0u;
       }
   }
 
@@ -286,8 +285,10 @@ struct Q4Stage {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const float dot = fmaf(small_int_float(d[n][2 * h]), f0, small_int_float(d[n][2 * h + 1]) * f1);
-        acc[n][h] = fmaf(bf16f(sc[n][h]), dot, acc[n][h]);
-        acc[n][h] = fmaf(bf16f(bi[n][h]), gs, acc[n][h]);
+        const float scale = __uint_as_float(sb[n][h] << 16);
+        const float bias = t & 1 ? 0.0f : __uint_as_float(sb[n][h] & 0xFFFF0000u);
+        acc[n][h] = fmaf(scale, dot, acc[n][h]);
+        acc[n][h] = fmaf(bias, gs, acc[n][h]);
       }
   }
 };
@@ -806,10 +807,8 @@ struct ExpertParams {
 __device__ DevMat part_at(const uint8_t* base, const PartDesc& d) {
   DevMat m;
   m.data = base + d.data_off;
-  if (d.bits != 16) {
-    m.scales = reinterpret_cast<const uint16_t*>(base + d.scales_off);
-    m.biases = reinterpret_cast<const uint16_t*>(base + d.biases_off);
-  }
+  if (d.bits != 16) m.scales = reinterpret_cast<const uint16_t*>(base + d.scales_off);
+  if (d.bits == 8) m.biases = reinterpret_cast<const uint16_t*>(base + d.biases_off);
   m.rows = d.rows;
   m.cols = d.cols;
   m.bits = d.bits;
@@ -902,6 +901,13 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) expert_down_kernel(con
   trace::end(trace::kDown);
 }
 
+__global__ void q4_pairs_kernel(const uint16_t* scales, const uint16_t* biases, int rows, int groups,
+                                uint32_t* pairs) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // row-major: r * groups + g
+  if (i >= int64_t(rows) * groups) return;
+  pairs[i % groups * rows + i / groups] = uint32_t(scales[i]) | uint32_t(biases[i]) << 16;
+}
+
 DevMat part_shape(const PartDesc& d) {
   DevMat m;
   m.rows = d.rows;
@@ -926,6 +932,18 @@ void set_smem_limits(size_t bytes) {
   FM_CUDA(cudaFuncSetAttribute(matvec_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, b));
   FM_CUDA(cudaFuncSetAttribute(expert_gate_up_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, b));
   FM_CUDA(cudaFuncSetAttribute(expert_down_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, b));
+}
+
+size_t q4_pairs_bytes(int rows, int cols) { return size_t(rows) * size_t(cols / 64) * 4; }
+
+void q4_group_major(cudaStream_t s, uint8_t* scales, const uint8_t* biases, int rows, int cols, uint8_t* tmp) {
+  const size_t n = size_t(rows) * size_t(cols / 64);
+  FM_CUDA(cudaMemcpyAsync(tmp, scales, 2 * n, cudaMemcpyDeviceToDevice, s));
+  FM_CUDA(cudaMemcpyAsync(tmp + 2 * n, biases, 2 * n, cudaMemcpyDeviceToDevice, s));
+  const uint16_t* t16 = reinterpret_cast<const uint16_t*>(tmp);
+  q4_pairs_kernel<<<unsigned((n + 255) / 256), 256, 0, s>>>(t16, t16 + n, rows, cols / 64,
+                                                              reinterpret_cast<uint32_t*>(scales));
+  FM_CUDA(cudaGetLastError());
 }
 
 void matvec(cudaStream_t s, const PrologueArgs& pro, int cols, const MatvecJob* jobs, int njobs, int sms,

@@ -30,7 +30,9 @@ struct StepParams {
   int32_t pad;
 };
 
-// A weight matrix in device memory. bits: 4 or 8 (group-affine, group 64) or 16 (bf16).
+// A weight matrix in device memory. bits: 4 or 8 (group-affine, group 64) or 16 (bf16). q8 keeps
+// the file's row-major scales and biases; q4 holds them as (scale, bias) pairs in group-major order
+// (q4_group_major), `scales` pointing at the pairs and `biases` unused.
 struct DevMat {
   const uint8_t* data = nullptr;
   const uint16_t* scales = nullptr;
@@ -38,7 +40,7 @@ struct DevMat {
   int rows = 0, cols = 0, bits = 16;
 };
 
-// A matrix inside an expert block: offsets from the block start.
+// A matrix inside an expert block: offsets from the block start (q4: scales_off the pairs').
 struct PartDesc {
   uint64_t data_off = 0, scales_off = 0, biases_off = 0;
   int rows = 0, cols = 0, bits = 16;
@@ -78,6 +80,15 @@ struct TopkTail {
   int* ids = nullptr;
   float* weights = nullptr;
 };
+
+// A q4 matrix's scales and biases (row-major bf16 arrays, as in the files: docs/format.md)
+// rearranged in place into pairs: the 32-bit word at pairs[g * rows + r] holds row r's group g,
+// the scale in its low half and the bias in its high half. The 16 rows of a q4 tile then read
+// their group's parameters as one contiguous segment instead of 16 scattered rows of two arrays.
+// The pairs take the scales' place and run on into the padding and the biases; `tmp` is scratch
+// of q4_pairs_bytes(rows, cols), and the rearrangement is ordered on stream s.
+size_t q4_pairs_bytes(int rows, int cols);
+void q4_group_major(cudaStream_t s, uint8_t* scales, const uint8_t* biases, int rows, int cols, uint8_t* tmp);
 
 // Launch kernels with programmatic dependent launch (sm_90 and newer), so that each kernel's
 // launch and first weight loads overlap its predecessor. The engine turns it on per device.

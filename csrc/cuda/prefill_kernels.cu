@@ -39,9 +39,15 @@ __device__ __forceinline__ void load_w8(const uint8_t* base, const PartDesc& d, 
       v[2 * i + 1] = __uint_as_float(u[i] & 0xFFFF0000u);
     }
   } else {
-    const size_t g = size_t(row) * (d.cols / 64) + k / 64;
-    const float sc = bf16f(reinterpret_cast<const uint16_t*>(base + d.scales_off)[g]);
-    const float bi = bf16f(reinterpret_cast<const uint16_t*>(base + d.biases_off)[g]);
+    float sc, bi;
+    if constexpr (BITS == 8) {
+      const size_t g = size_t(row) * (d.cols / 64) + k / 64;
+      sc = bf16f(reinterpret_cast<const uint16_t*>(base + d.scales_off)[g]);
+      bi = bf16f(reinterpret_cast<const uint16_t*>(base + d.biases_off)[g]);
+    } else {
+      const uint32_t pair = reinterpret_cast<const uint32_t*>(base + d.scales_off)[size_t(k / 64) * d.rows + row];
+      sc = __uint_as_float(pair << 16), bi = __uint_as_float(pair & 0xFFFF0000u);
+    }
     if constexpr (BITS == 8) {
       const uint2 w = *reinterpret_cast<const uint2*>(base + d.data_off + size_t(row) * d.cols + k);
 #pragma unroll
