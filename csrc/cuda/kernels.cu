@@ -705,29 +705,37 @@ __global__ void __launch_bounds__(kAttnCombineThreads) attn_combine_kernel(AttnA
   trace::end(trace::kAttnCombine);
 }
 
-// One conv channel of the DeltaNet: its taps and the K - 1 previous inputs, loaded before the wait
-// (weights, and what this kernel wrote a token ago), then the input of this position.
+// One conv channel of the DeltaNet: its taps and its ring's K slots (the K - 1 previous inputs and
+// a stale one), loaded before the wait (weights, and what this kernel wrote a token ago) without
+// waiting for the position; then the input of this position.
 struct ConvChannel {
-  float w[kMaxConvKernel - 1], past[kMaxConvKernel - 1], w_now;  // taps of the past inputs and of x
+  float w[kMaxConvKernel - 1], w_now, ring[kMaxConvKernel];  // taps of the past inputs and of x; slots
   int chan;
-  __device__ __forceinline__ void load_past(const DeltaArgs& a, int channel, int64_t pos, int ch) {
+  __device__ __forceinline__ void load(const DeltaArgs& a, int channel, int ch) {
     const int K = a.kernel;
     chan = channel;
     w_now = a.conv_w[int64_t(chan) * K + K - 1];
 #pragma unroll
-    for (int t = 0; t < kMaxConvKernel - 1; ++t) {
-      if (t >= K - 1) break;
-      const int64_t p = pos - (K - 1) + t;  // the input of position p sits in slot p mod K (0 before p=0)
-      w[t] = a.conv_w[int64_t(chan) * K + t];
-      past[t] = a.conv_ring[int64_t(((p % K) + K) % K) * ch + chan];
+    for (int t = 0; t < kMaxConvKernel; ++t) {
+      if (t >= K) break;
+      if (t < K - 1) w[t] = a.conv_w[int64_t(chan) * K + t];
+      ring[t] = a.conv_ring[int64_t(t) * ch + chan];
     }
   }
-  // silu(conv) given this position's input x
-  __device__ __forceinline__ float out(int K, float x) const {
+  // silu(conv) given this position's input x; cur = pos mod K, the slot of this position, so that
+  // the input of position pos - (K - 1) + t sits in slot (cur + 1 + t) mod K
+  __device__ __forceinline__ float out(int K, int cur, float x) const {
     float acc = w_now * x;
+    int slot = cur;
 #pragma unroll
-    for (int t = 0; t < kMaxConvKernel - 1; ++t)
-      if (t < K - 1) acc += w[t] * past[t];
+    for (int t = 0; t < kMaxConvKernel - 1; ++t) {
+      if (t >= K - 1) break;
+      slot = slot + 1 == K ? 0 : slot + 1;
+      float past = 0.0f;
+#pragma unroll
+      for (int s = 0; s < kMaxConvKernel; ++s) past = s == slot ? ring[s] : past;
+      acc += w[t] * past;
+    }
     return silu(acc);
   }
 };
@@ -745,7 +753,6 @@ __global__ void __launch_bounds__(kDeltaWarps * 32) deltanet_kernel(DeltaArgs a)
   const int kd = a.nk * dk, ch = 2 * kd + a.nv * dv, ratio = a.nv / a.nk, kh = j / ratio;
   trace::begin();
   const int64_t pos = a.step->pos;
-  const int cur = int(pos % K);
   const int b = cb + lane;
   const bool col_ok = b < dv;
   float* S = a.state + int64_t(j) * dk * dv;
@@ -757,11 +764,12 @@ __global__ void __launch_bounds__(kDeltaWarps * 32) deltanet_kernel(DeltaArgs a)
   }
   const bool has_qk = tid < 2 * dk, has_v = warp == 0 && col_ok;
   ConvChannel cq, cv;
-  if (has_qk) cq.load_past(a, tid < dk ? kh * dk + tid : kd + kh * dk + (tid - dk), pos, ch);
-  if (has_v) cv.load_past(a, 2 * kd + j * dv + b, pos, ch);
+  if (has_qk) cq.load(a, tid < dk ? kh * dk + tid : kd + kh * dk + (tid - dk), ch);
+  if (has_v) cv.load(a, 2 * kd + j * dv + b, ch);
   const float a_log = a.a_log[j], dt_bias = a.dt_bias[j];
   pdl_sync();
   const float xq = has_qk ? a.mixed[cq.chan] : 0.0f, xv = has_v ? a.mixed[cv.chan] : 0.0f;
+  const int cur = int(pos % K);
   const float gb = a.b[j], ga = a.a[j];
   if (has_v) a.gate[int64_t(j) * dv + b] = silu(a.z[int64_t(j) * dv + b]);
   float* qk = sh;           // [2*dk]: q then k of key head kh, normalised
@@ -773,9 +781,9 @@ __global__ void __launch_bounds__(kDeltaWarps * 32) deltanet_kernel(DeltaArgs a)
   if (has_qk && j % ratio == 0 && blockIdx.y == 0) a.conv_ring[int64_t(cur) * ch + cq.chan] = xq;
   if (has_v) {
     a.conv_ring[int64_t(cur) * ch + cv.chan] = xv;
-    vs[lane] = cv.out(K, xv);
+    vs[lane] = cv.out(K, cur, xv);
   }
-  const float y = has_qk ? cq.out(K, xq) : 0.0f;
+  const float y = has_qk ? cq.out(K, cur, xq) : 0.0f;
   float2 sum = {tid < dk ? y * y : 0.0f, tid >= dk ? y * y : 0.0f};  // q and k squares
   sum.x = warp_sum(sum.x), sum.y = warp_sum(sum.y);
   if (lane == 0) red2[warp] = sum;
