@@ -1,6 +1,7 @@
-// Whether it matters which SM pulled a weight slice into L2. The decode launches read weights that
-// an earlier launch's blocks prefetched into L2 (csrc/cuda/kernels.cu, Prefetch), and a block of
-// the reading launch may sit on any SM. An H100/H200 L2 is two partitions, each caching for the
+// Whether it matters which SM pulled a weight slice into L2 (it does not: docs/cuda.md,
+// bench/results/l2_locality_h200.txt). The decode launches read weights that were prefetched into
+// L2 (by an earlier launch's blocks when this was written; now by the reading block itself), and a
+// block of the reading launch may sit on any SM. An H100/H200 L2 is two partitions, each caching for the
 // SMs wired to it, so a slice pulled in from one SM may be a far hit for another. Here every block
 // of the decode path's grid (two blocks of 256 threads per SM) first reads slice b of a 16 MB
 // q4-shaped matrix (placing it in L2 from its SM), then, in the next launch, block b reads slice

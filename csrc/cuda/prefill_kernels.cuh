@@ -99,7 +99,7 @@ void topk_rows(cudaStream_t s, const float* logits, int n, int num_experts, int 
                float* weights);
 
 // x[t] += sigmoid(shared_logit[t]) * y_shared[t] + sum_j weights[t, j] * y_routed[t * k + j], in that
-// order (as expert_combine sums one token).
+// order (moe_output, as the decode down launch's combine tail sums one token).
 void combine_rows(cudaStream_t s, float* x, const float* shared_logit, const float* y_shared,
                   const float* weights, const float* y_routed, int n, int k, int hidden);
 
