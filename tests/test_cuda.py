@@ -170,6 +170,29 @@ def test_a_failed_read_during_prefill_needs_a_reset(
     np.testing.assert_array_equal(e.prefill(token_ids(3, 20)), want)
 
 
+def test_failed_reads_during_decode_need_a_reset(tiny_models: TinyModels, tmp_path: Path) -> None:
+    # When a miss's read fails, the layer's shared expert has run and counted towards the combine
+    # of its rows (the down launch's tail, whose counters wrap every k + 1 counts): after k such
+    # failures and reset(), the next tokens must not notice.
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_models.converted(4, "A"), model_dir)
+    experts = model_dir / "experts.bin"
+    k = fmt.load_manifest(model_dir)["config"]["num_experts_per_tok"]
+    ids = token_ids(5, 6)
+    want = step_all(engine(model_dir, "streaming"), ids)
+    e = engine(model_dir, "streaming")
+    original = experts.read_bytes()
+    os.truncate(experts, 4096)  # the file shrinks under the open engine
+    for _ in range(k):
+        with pytest.raises(RuntimeError, match="experts.bin.*layer"):
+            e.step(ids[0])
+        with pytest.raises(RuntimeError, match=r"reset\(\) or restore\(\)"):
+            e.step(ids[0])
+        e.reset()
+    experts.write_bytes(original)
+    np.testing.assert_array_equal(step_all(e, ids), want)
+
+
 @pytest.mark.parametrize("regime", ["resident", "streaming"])
 def test_reset_and_snapshot_give_the_same_bits(tiny_models: TinyModels, regime: str) -> None:
     model_dir = tiny_models.converted(8, "A")

@@ -638,8 +638,8 @@ void CudaEngine::prefill(const int32_t* tokens, int64_t n, float* logits) {
 void CudaEngine::break_state(const std::exception& e) {
   store_.drain();
   cudaStreamSynchronize(copy_stream_);
+  cudaMemsetAsync(row_counters_.p, 0, size_t(c_.hidden_size) * sizeof(int), stream_);
   cudaStreamSynchronize(stream_);
-  cudaMemset(row_counters_.p, 0, size_t(c_.hidden_size) * sizeof(int));
   if (policy_) policy_ = make_policy();
   broken_ = e.what();
 }
