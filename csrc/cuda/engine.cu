@@ -535,7 +535,8 @@ void CudaEngine::setup_expert_cache(double cache_gb) {
   capacity_ = int(cap);
   cache_.alloc(size_t(cap) * L.block_stride);
   size_t tmp = 0;
-  for (const TensorInfo* t : {&L.gate, &L.up, &L.down}) tmp = std::max(tmp, cuda::q4_pairs_bytes(int(t->rows()), int(t->cols())));
+  for (const TensorInfo* t : {&L.gate, &L.up, &L.down})
+    tmp = std::max(tmp, cuda::q4_pairs_bytes(int(t->rows()), int(t->cols())));
   pairs_tmp_.alloc(tmp);
   if (resident_)
     preload_experts();
