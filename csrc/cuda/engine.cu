@@ -852,7 +852,7 @@ void CudaEngine::moe(int l) {
     record(l, kEvExpA0);
     cuda::experts(stream_, args, all, sms_);
     record(l, kEvExpA1);
-    record(l, kEvExpB0);
+    record(l, kEvExpB0);  // no misses' batch here: an empty second span
     record(l, kEvExpB1);
     return;  // hits are counted per token in forward(): a graph replay runs no host code
   }
