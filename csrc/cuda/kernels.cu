@@ -170,15 +170,23 @@ struct VecSmem {
   float* red;
   float* q4scale;
   uint4* q4frag;
+  uint4* q4zero;  // 32 zero bytes: the B fragments of lanes whose columns are another group's
   float* partial;
 };
 __host__ __device__ inline size_t vec_smem_floats(int cols, VecSmem* v = nullptr, float* base = nullptr) {
   const size_t xs = 0, gsum = xs + padded_cols(cols), red = gsum + cols / 64 + 4;
   const size_t q4scale = red + kWarps;
-  const size_t q4frag = (q4scale + cols / 64 + 3) / 4 * 4;
-  const size_t partial = q4frag + size_t(q4_steps(cols)) * kQ4FragBytes / 4;
+  const size_t q4frag = (q4scale + 2 * q4_steps(cols) + 3) / 4 * 4;
+  const size_t q4zero = q4frag + size_t(q4_steps(cols)) * kQ4FragBytes / 4;
+  const size_t partial = q4zero + 8;
   if (v)
-    *v = {base + xs, base + gsum, base + red, base + q4scale, reinterpret_cast<uint4*>(base + q4frag), base + partial};
+    *v = {base + xs,
+          base + gsum,
+          base + red,
+          base + q4scale,
+          reinterpret_cast<uint4*>(base + q4frag),
+          reinterpret_cast<uint4*>(base + q4zero),
+          base + partial};
   return partial + kMaxPartials;
 }
 
@@ -247,46 +255,47 @@ struct Q4Stage {
   uint4 w[N][2];
   uint32_t sb[N][2];
 
-  __device__ __forceinline__ void issue(const DevMat* m, int row, int r1, int step, int t) {
-    const int groups = m[0].cols / 64, G = 2 * step + (t >> 1);
+  // Row g's data at offset wo (uint4s) and its pair at so (words); row g + 8's at wo + w8 and so + 8.
+  // A row past the block's or a group past the matrix's is not loaded: its registers keep an
+  // earlier stage's values (finite weights and pairs, or the ring's zeros), which reach only rows
+  // that are never emitted, or B columns that are zero (load_x zeroes the parts past cols).
+  __device__ __forceinline__ void issue(const uint4* const (&data)[N], const uint32_t* const (&pairs)[N], uint32_t wo,
+                                        uint32_t w8, uint32_t so, bool ok0, bool ok1) {
 #pragma unroll
-    for (int n = 0; n < N; ++n)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = row + 8 * h;
-        const bool ok = r < r1 && G < groups;
-        w[n][h] = ok ? load_stream(reinterpret_cast<const uint4*>(m[n].data) + size_t(r) * (m[0].cols / 32) + 4 * step + t)
-                     : make_uint4(0, 0, 0, 0);
-        sb[n][h] = ok ? reinterpret_cast<const uint32_t*>(m[n].scales)[size_t(G) * m[0].rows + r] : 0u;
-      }
+    for (int n = 0; n < N; ++n) {
+      if (ok0) w[n][0] = load_stream(data[n] + wo), sb[n][0] = pairs[n][so];
+      if (ok1) w[n][1] = load_stream(data[n] + wo + w8), sb[n][1] = pairs[n][so + 8];
+    }
   }
 
-  __device__ __forceinline__ void consume(int step, int groups, int t, bool b_on, int p, const VecSmem& v,
+  // fr: the lane's B fragments of the stage's step (a zero block on lanes whose B columns are
+  // another group's); S: the step's group scale (zero past cols), gs: its sum of x (zero on odd
+  // lanes); c0, c1: the scales of the lane's two parts relative to S; bmask keeps the bias on even
+  // lanes.
+  __device__ __forceinline__ void consume(const uint4* fr, float S, float gs, float c0, float c1, uint32_t bmask,
                                           float (&acc)[N][2]) const {
-    const uint4* fr = v.q4frag + ((step * 4 + t) * 4 + p) * 2;
-    const uint4 b01 = b_on ? fr[0] : make_uint4(0, 0, 0, 0), b23 = b_on ? fr[1] : make_uint4(0, 0, 0, 0);
+    const uint4 b01 = fr[0], b23 = fr[1];
     const uint32_t b[8] = {b01.x, b01.y, b01.z, b01.w, b23.x, b23.y, b23.z, b23.w};
-    int d[N][4] = {};
+    // two accumulator chains (even and odd MMAs), so that no MMA waits on more than one before it;
+    // their int32 sum is exact
+    int d2[2][N][4] = {};
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
       for (int n = 0; n < N; ++n) {
         const uint32_t lo = word(w[n][0], i), hi = word(w[n][1], i);
-        mma_u8s8(d[n], lo & 0x0F0F0F0Fu, hi & 0x0F0F0F0Fu, (lo >> 4) & 0x0F0F0F0Fu, (hi >> 4) & 0x0F0F0F0Fu, b[2 * i],
-                 b[2 * i + 1]);
+        mma_u8s8(d2[i & 1][n], lo & 0x0F0F0F0Fu, hi & 0x0F0F0F0Fu, (lo >> 4) & 0x0F0F0F0Fu, (hi >> 4) & 0x0F0F0F0Fu,
+                 b[2 * i], b[2 * i + 1]);
       }
-    const int G = 2 * step + (t >> 1);
-    const bool ok = G < groups;
-    const float S = ok ? v.q4scale[G] : 0.0f;
-    const float f0 = S * (t & 1 ? 0x1p-14f : 1.0f), f1 = S * (t & 1 ? 0x1p-21f : 0x1p-7f);
-    const float gs = ok && !(t & 1) ? v.gsum[G] : 0.0f;
+    const float f0 = S * c0, f1 = S * c1;
 #pragma unroll
     for (int n = 0; n < N; ++n)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const float dot = fmaf(small_int_float(d[n][2 * h]), f0, small_int_float(d[n][2 * h + 1]) * f1);
+        const int d0 = d2[0][n][2 * h] + d2[1][n][2 * h], d1 = d2[0][n][2 * h + 1] + d2[1][n][2 * h + 1];
+        const float dot = fmaf(small_int_float(d0), f0, small_int_float(d1) * f1);
         const float scale = __uint_as_float(sb[n][h] << 16);
-        const float bias = t & 1 ? 0.0f : __uint_as_float(sb[n][h] & 0xFFFF0000u);
+        const float bias = __uint_as_float(sb[n][h] & bmask);
         acc[n][h] = fmaf(scale, dot, acc[n][h]);
         acc[n][h] = fmaf(bias, gs, acc[n][h]);
       }
@@ -308,18 +317,40 @@ __device__ __forceinline__ void rows_dot_q4(const DevMat* m, int r0, int r1, con
   const int rows = r1 - r0, tiles = (rows + 15) / 16;
   const int my_tiles = slot < slots && tiles > slot ? (tiles - slot + slots - 1) / slots : 0;
   const int n = my_tiles * (s1 - s0);
-  int it = slot, is = s0;  // the next stage to issue
+  // the next stage to issue: its step, lane row g, and offsets (Q4Stage::issue), advanced by adds
+  const int mrows = m[0].rows, cpr4 = cols / 32, spans = s1 - s0;
+  const uint32_t w8 = 8 * cpr4, tile_w = uint32_t(16 * slots * cpr4 - 4 * (spans - 1)),
+                 tile_s = uint32_t(16 * slots - 2 * mrows * (spans - 1));
+  const uint4* data[N];
+  const uint32_t* pairs[N];
+#pragma unroll
+  for (int q = 0; q < N; ++q)
+    data[q] = reinterpret_cast<const uint4*>(m[q].data), pairs[q] = reinterpret_cast<const uint32_t*>(m[q].scales);
+  int is = s0, row = r0 + 16 * slot + g;
+  uint32_t wo = uint32_t(row * cpr4 + 4 * s0 + t), so = uint32_t((2 * s0 + (t >> 1)) * mrows + row);
   auto issue = [&](Q4Stage<N>& st) {
-    st.issue(m, r0 + 16 * it + g, r1, is, t);
-    if (++is == s1) is = s0, it += slots;
+    const bool gok = 2 * is + (t >> 1) < groups;
+    st.issue(data, pairs, wo, w8, so, gok && row < r1, gok && row + 8 < r1);
+    if (++is == s1) {
+      is = s0, row += 16 * slots, wo += tile_w, so += tile_s;
+    } else {
+      wo += 4, so += 2 * mrows;
+    }
   };
-  Q4Stage<N> ring[D];
+  Q4Stage<N> ring[D] = {};
 #pragma unroll
   for (int j = 0; j < D - 1; ++j)
     if (j < n) issue(ring[j]);
   ready();
-  const int p = g & 3;
+  // lane (g, t) supplies B column g, part g % 4 of group g / 4 of the step: the fragments of the
+  // lanes whose t / 2 is that group, zeros on the others
   const bool b_on = (g >> 2) == (t >> 1);
+  const uint4* fr0 = b_on ? v.q4frag + (t * 4 + (g & 3)) * 2 : v.q4zero;
+  const int fr_step = b_on ? kQ4FragBytes / 16 : 0;
+  const float* scale_t = v.q4scale + (t >> 1);
+  const float* gsum_t = v.gsum + (t >> 1);
+  const float c0 = t & 1 ? 0x1p-14f : 1.0f, c1 = t & 1 ? 0x1p-21f : 0x1p-7f;
+  const uint32_t bmask = t & 1 ? 0u : 0xFFFF0000u;
   float acc[N][2] = {};
   int ct = slot, cs = s0;  // the stage being consumed
   for (int k0 = 0; k0 < n; k0 += D) {
@@ -327,7 +358,7 @@ __device__ __forceinline__ void rows_dot_q4(const DevMat* m, int r0, int r1, con
     for (int j = 0; j < D; ++j) {
       if (k0 + j >= n) break;
       if (k0 + j + D - 1 < n) issue(ring[(j + D - 1) % D]);
-      ring[j].consume(cs, groups, t, b_on, p, v, acc);
+      ring[j].consume(fr0 + cs * fr_step, scale_t[2 * cs], t & 1 ? 0.0f : gsum_t[2 * cs], c0, c1, bmask, acc);
       if (++cs == s1) {  // the tile's slice is done: lane t = 0 adds the four lanes' sums
 #pragma unroll
         for (int q = 0; q < N; ++q)
@@ -463,6 +494,13 @@ __device__ void load_x_chunks(const PrologueArgs& p, int cols, const VecSmem& vs
     } else {
       x4[swz(2 * c)] = {v[i][0], v[i][1], v[i][2], v[i][3]};
       x4[swz(2 * c + 1)] = {v[i][4], v[i][5], v[i][6], v[i][7]};
+    }
+  }
+  if (q4) {
+    if (tid < 8) reinterpret_cast<float*>(vs.q4zero)[tid] = 0.0f;
+    if (cols % 128 && tid < 64) {  // the group past cols in the last step: zero parts, scale and sum
+      reinterpret_cast<float*>(vs.q4frag + q4_steps(cols) * (kQ4FragBytes / 16) - 16)[tid] = 0.0f;
+      if (tid == 0) vs.q4scale[cols / 64] = 0.0f, vs.gsum[cols / 64] = 0.0f;
     }
   }
   __syncthreads();
