@@ -195,8 +195,10 @@ __host__ __device__ inline size_t vec_smem_floats(int cols, VecSmem* v = nullptr
 // int8 parts per 64-column group G, x = S_G (p0 + p1 2^-7 + p2 2^-14 + p3 2^-21) with S_G a power
 // of two and |p| <= 64 (x to 2^-27 of the group's largest |x|), so a row's dot with group G is
 // S_G sum_p 2^-7p (q . p_p), each q . p_p an exact integer. Lane (g, t) = (lane / 4, lane % 4)
-// loads 16 bytes (32 weights) of rows g and g + 8 at columns 128 s + 32 t.. of step s; in MMA i,
-// word i's even weights are A's k = 4t..4t+3 and its odd ones k = 4t+16..4t+19 (one mask each).
+// loads 16 bytes (32 weights) of rows g and g + 8 at columns 128 s + 32 t.. of step s. MMA j
+// (j = 0, 1) takes the even weights (low nibbles) of words 2j and 2j + 1 as A's k = 4t..4t+3 and
+// k = 4t+16..4t+19, MMA 2 + j their odd weights as the high nibbles in place (16 q: one mask, no
+// shift), into a second accumulator whose sum is then exactly 16 times the odd weights' dot.
 // B's column n = 4 h + p holds part p of group 2 s + h in the lanes whose t / 2 = h and zeros
 // elsewhere, so D[row][4h + p] = q . p_p over group 2 s + h: lane t holds its own group's parts
 // 2 (t % 2) and 2 (t % 2) + 1.
@@ -205,10 +207,11 @@ __host__ __device__ inline size_t vec_smem_floats(int cols, VecSmem* v = nullptr
 // not depend on the launch plan) and take a block's 16-row tiles in turn; the slices' partial sums
 // meet in shared memory and are added in slice order.
 
-// Byte of the B fragments holding part p of column c: [step][t][p][mma i][8 bytes].
-__device__ __forceinline__ int q4_frag_byte(int c, int p) {
-  const int step = c >> 7, t = (c >> 5) & 3, i = (c >> 3) & 3, e = c & 7;
-  return (((step * 4 + t) * 4 + p) * 4 + i) * 8 + (e & 1) * 4 + (e >> 1);
+// Byte of the B fragments holding part p of the even (odd = 0) or odd columns of chunk c (8
+// columns, word i = c % 4 of lane t's 16 bytes): [step][t][p][MMA 2 odd + i / 2][word i % 2][4 bytes].
+__device__ __forceinline__ int q4_frag_byte(int c, int p, int odd) {
+  const int step = c >> 4, t = (c >> 2) & 3, i = c & 3;
+  return (((step * 4 + t) * 4 + p) * 4 + 2 * odd + (i >> 1)) * 8 + (i & 1) * 4;
 }
 
 // The scale and parts of x[8 c .. 8 c + 8) (v) for the q4 path; the 8 lanes of a 64-column group
@@ -236,7 +239,8 @@ __device__ __forceinline__ void q4_split_chunk(int c, const float (&v)[8], float
       r[e] -= q * __uint_as_float(uint32_t(E - 5 - 7 * p) << 23);
       word[e & 1] |= (__float_as_uint(m) & 255u) << (8 * (e >> 1));
     }
-    *reinterpret_cast<uint2*>(frag + q4_frag_byte(8 * c, p)) = make_uint2(word[0], word[1]);
+    *reinterpret_cast<uint32_t*>(frag + q4_frag_byte(c, p, 0)) = word[0];
+    *reinterpret_cast<uint32_t*>(frag + q4_frag_byte(c, p, 1)) = word[1];
   }
 }
 
@@ -276,23 +280,23 @@ struct Q4Stage {
                                           float (&acc)[N][2]) const {
     const uint4 b01 = fr[0], b23 = fr[1];
     const uint32_t b[8] = {b01.x, b01.y, b01.z, b01.w, b23.x, b23.y, b23.z, b23.w};
-    // two accumulator chains (even and odd MMAs), so that no MMA waits on more than one before it;
-    // their int32 sum is exact
+    // d2[0]: the even weights' dots; d2[1]: 16 times the odd weights' (see above)
     int d2[2][N][4] = {};
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int m = 0; m < 4; ++m)
 #pragma unroll
       for (int n = 0; n < N; ++n) {
-        const uint32_t lo = word(w[n][0], i), hi = word(w[n][1], i);
-        mma_u8s8(d2[i & 1][n], lo & 0x0F0F0F0Fu, hi & 0x0F0F0F0Fu, (lo >> 4) & 0x0F0F0F0Fu, (hi >> 4) & 0x0F0F0F0Fu,
-                 b[2 * i], b[2 * i + 1]);
+        const uint32_t mask = m < 2 ? 0x0F0F0F0Fu : 0xF0F0F0F0u;
+        const int i = 2 * (m & 1);
+        mma_u8s8(d2[m >> 1][n], word(w[n][0], i) & mask, word(w[n][1], i) & mask, word(w[n][0], i + 1) & mask,
+                 word(w[n][1], i + 1) & mask, b[2 * m], b[2 * m + 1]);
       }
     const float f0 = S * c0, f1 = S * c1;
 #pragma unroll
     for (int n = 0; n < N; ++n)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int d0 = d2[0][n][2 * h] + d2[1][n][2 * h], d1 = d2[0][n][2 * h + 1] + d2[1][n][2 * h + 1];
+        const int d0 = d2[0][n][2 * h] + (d2[1][n][2 * h] >> 4), d1 = d2[0][n][2 * h + 1] + (d2[1][n][2 * h + 1] >> 4);
         const float dot = fmaf(small_int_float(d0), f0, small_int_float(d1) * f1);
         const float scale = __uint_as_float(sb[n][h] << 16);
         const float bias = __uint_as_float(sb[n][h] & bmask);
