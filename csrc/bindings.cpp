@@ -117,10 +117,29 @@ struct PyEngine {
   std::mutex mutex;
 };
 
-nb::ndarray<nb::numpy, float, nb::ndim<1>> new_logits(size_t n, float** data) {
+nb::ndarray<nb::numpy, float, nb::ndim<1>> new_array(size_t n, float** data) {
   *data = new float[n];
   nb::capsule owner(*data, [](void* p) noexcept { delete[] static_cast<float*>(p); });
   return nb::ndarray<nb::numpy, float, nb::ndim<1>>(*data, {n}, owner);
+}
+
+// An array for the engine's logits, in a buffer the engine lends (the CUDA engine's are
+// page-locked, so its device-to-host copy fills them directly); the buffer goes back when the
+// array dies, to buffers that outlive the engine.
+nb::ndarray<nb::numpy, float, nb::ndim<1>> new_logits(const fm::Engine& engine, float** data) {
+  struct Lent {
+    std::shared_ptr<fm::LogitsBuffers> buffers;
+    float* p;
+  };
+  auto buffers = engine.logits_buffers();
+  auto lent = std::make_unique<Lent>(Lent{buffers, buffers->acquire()});
+  *data = lent->p;
+  nb::capsule owner(lent.get(), [](void* l) noexcept {
+    const std::unique_ptr<Lent> done(static_cast<Lent*>(l));
+    done->buffers->release(done->p);
+  });
+  lent.release();
+  return nb::ndarray<nb::numpy, float, nb::ndim<1>>(*data, {size_t(engine.config().vocab_size)}, owner);
 }
 
 }  // namespace
@@ -174,7 +193,7 @@ NB_MODULE(_core, m) {
             if (cols <= 0 || int64_t(x.shape(0)) % cols) throw std::invalid_argument("x must hold n rows of `cols`");
             const int64_t n = int64_t(x.shape(0)) / cols;
             float* data;
-            auto y = new_logits(size_t(n * rows), &data);
+            auto y = new_array(size_t(n * rows), &data);
             nb::gil_scoped_release release;
             fm::cpu::LinearScratch scratch(n, cols);
             fm::cpu::linear(fm::matrix_at(tensor.data(), t), x.data(), n, data, scratch, k.pool);
@@ -227,7 +246,7 @@ NB_MODULE(_core, m) {
             if (token < INT32_MIN || token > INT32_MAX)
               throw std::invalid_argument("token id " + std::to_string(token) + " is outside the vocabulary");
             float* data;
-            auto out = new_logits(size_t(e.engine->config().vocab_size), &data);
+            auto out = new_logits(*e.engine, &data);
             nb::gil_scoped_release release;
             std::lock_guard<std::mutex> lock(e.mutex);
             e.engine->step(int32_t(token), data);
@@ -238,7 +257,7 @@ NB_MODULE(_core, m) {
           "prefill",
           [](PyEngine& e, nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> tokens) {
             float* data;
-            auto out = new_logits(size_t(e.engine->config().vocab_size), &data);
+            auto out = new_logits(*e.engine, &data);
             nb::gil_scoped_release release;
             std::lock_guard<std::mutex> lock(e.mutex);
             e.engine->prefill(tokens.data(), int64_t(tokens.shape(0)), data);

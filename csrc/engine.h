@@ -50,6 +50,18 @@ struct EngineState {
   uint64_t nbytes() const;
 };
 
+// Host buffers of one size for the logits that step() and prefill() write and the bindings
+// return; a buffer comes back through release(). Shared with the arrays that hold buffers, so it
+// outlives its engine while any is held.
+class LogitsBuffers {
+ public:
+  virtual ~LogitsBuffers() = default;
+  virtual float* acquire() = 0;
+  virtual void release(float* p) noexcept = 0;
+};
+// Plain heap buffers of n floats.
+std::shared_ptr<LogitsBuffers> make_heap_logits_buffers(size_t n);
+
 class Engine {
  public:
   virtual ~Engine() = default;
@@ -67,6 +79,8 @@ class Engine {
   virtual EngineState snapshot() const = 0;
   virtual void restore(const EngineState& state) = 0;
   virtual std::string describe() const = 0;
+  // Where the bindings take the host buffers for logits (vocab_size floats each).
+  virtual std::shared_ptr<LogitsBuffers> logits_buffers() const = 0;
 };
 
 // EngineOptions checked against the model, for every backend: 0 takes the model's value, a value

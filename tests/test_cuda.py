@@ -213,6 +213,35 @@ def test_reset_and_snapshot_give_the_same_bits(tiny_models: TinyModels, regime: 
     np.testing.assert_array_equal(step_all(e, ids[20:]), tail)
 
 
+def test_returned_logits_stay_the_callers_after_more_steps_and_the_engine(
+    tiny_models: TinyModels,
+) -> None:
+    # the engine lends page-locked buffers for logits (a few, then heap ones) and takes each back
+    # only when its array dies: held arrays never change, also once the engine is gone
+    model_dir = tiny_models.converted(4, "A")
+    ids = token_ids(6, 20)
+    e = fm.Engine(model_dir, device="cuda")
+    want = [e.prefill(ids[:4]).copy()] + [e.step(t).copy() for t in ids[4:]]
+    e = fm.Engine(model_dir, device="cuda")
+    held = [e.prefill(ids[:4])] + [e.step(t) for t in ids[4:]]
+    del e
+    for got, ref in zip(held, want, strict=True):
+        np.testing.assert_array_equal(got, ref)
+    # and dropped arrays' buffers come back to later steps without touching held ones
+    e = fm.Engine(model_dir, device="cuda")
+    kept = []
+    for i, t in enumerate(ids):
+        logits = e.step(t)
+        if i % 3 == 0:
+            kept.append((i, logits))
+    e.reset()
+    for i, t in enumerate(ids):
+        fresh = e.step(t)
+        for j, arr in kept:
+            if j == i:
+                np.testing.assert_array_equal(arr, fresh)
+
+
 def test_snapshots_move_between_cpu_and_cuda(tiny_models: TinyModels) -> None:
     model_dir = tiny_models.converted(4, "A")
     ids = token_ids(5, 40)

@@ -82,6 +82,7 @@ class CpuEngine final : public Engine {
   EngineState snapshot() const override;
   void restore(const EngineState& state) override;
   std::string describe() const override;
+  std::shared_ptr<LogitsBuffers> logits_buffers() const override { return logits_buffers_; }
 
  private:
   // Runs n <= chunk_ tokens at positions pos_..pos_+n-1; logits of the last when not null.
@@ -98,6 +99,7 @@ class CpuEngine final : public Engine {
 
   Model model_;
   const ModelConfig& c_;
+  std::shared_ptr<LogitsBuffers> logits_buffers_ = make_heap_logits_buffers(size_t(c_.vocab_size));
   int k_;
   int64_t max_context_;
   int64_t chunk_;

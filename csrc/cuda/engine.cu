@@ -15,7 +15,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <set>
+#include <unordered_set>
 
 #include "cuda/kernels.cuh"
 #include "cuda/trace.cuh"
@@ -66,6 +68,47 @@ struct PinnedArray {
   ~PinnedArray() {
     if (p) cudaFreeHost(p);
   }
+};
+
+// Page-locked logits buffers, which the device-to-host copy of the logits fills directly: a host
+// copy of 1 MB of logits cost 0.1 ms per token (docs/cuda.md). At most kMaxPinned are lent at
+// once (pinned memory is scarce); past that, heap buffers, which the engine fills through its
+// staging buffer.
+class PinnedLogitsBuffers final : public LogitsBuffers {
+ public:
+  explicit PinnedLogitsBuffers(size_t n) : n_(n) {}
+  ~PinnedLogitsBuffers() override {
+    for (float* p : free_) cudaFreeHost(p);
+  }
+  float* acquire() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!free_.empty()) {
+      float* p = free_.back();
+      free_.pop_back();
+      return p;
+    }
+    void* p = nullptr;
+    if (pinned_.size() < kMaxPinned && cudaMallocHost(&p, n_ * sizeof(float)) == cudaSuccess) {
+      pinned_.insert(static_cast<float*>(p));
+      return static_cast<float*>(p);
+    }
+    cudaGetLastError();  // a failed cudaMallocHost is not sticky; clear it
+    return new float[n_];
+  }
+  void release(float* p) noexcept override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (pinned_.count(p))
+      free_.push_back(p);
+    else
+      delete[] p;
+  }
+
+ private:
+  static constexpr size_t kMaxPinned = 8;
+  size_t n_;
+  std::mutex mutex_;
+  std::unordered_set<float*> pinned_;
+  std::vector<float*> free_;
 };
 
 struct Event {
@@ -154,6 +197,7 @@ class CudaEngine final : public Engine {
   EngineState snapshot() const override;
   void restore(const EngineState& state) override;
   std::string describe() const override;
+  std::shared_ptr<LogitsBuffers> logits_buffers() const override { return logits_buffers_; }
 
  private:
   DevMat dmat(const std::string& name);
@@ -168,7 +212,8 @@ class CudaEngine final : public Engine {
   void capture_graph();
   void forward(int32_t token, float* logits);
   void enqueue_layers();
-  void enqueue_lm_head();
+  float* logits_landing(float* out) const;
+  void enqueue_lm_head(float* dst);
   void forward_chunk(const int32_t* tokens, int m, float* logits);
   void chunk_mixer(int l, int m);
   void chunk_moe(int l, int m);
@@ -216,7 +261,8 @@ class CudaEngine final : public Engine {
   int act_stride_ = 0;
   PinnedArray<cuda::StepParams> h_step_;
   PinnedArray<int> h_ids_;
-  PinnedArray<float> h_logits_;
+  PinnedArray<float> h_logits_;  // staging for callers' buffers that are not page-locked
+  std::shared_ptr<LogitsBuffers> logits_buffers_;
 
   // expert cache
   DeviceArray<uint8_t> cache_;
@@ -466,6 +512,7 @@ void CudaEngine::allocate_state() {
   h_step_.alloc(1);
   h_ids_.alloc(size_t(k_));
   h_logits_.alloc(size_t(c_.vocab_size));
+  logits_buffers_ = std::make_shared<PinnedLogitsBuffers>(size_t(c_.vocab_size));
 
   const size_t C = size_t(chunk_), k = size_t(k_);
   px_.alloc(C * H);
@@ -660,11 +707,12 @@ void CudaEngine::forward(int32_t token, float* logits) {
     FM_CUDA(cudaGraphLaunch(graph_.exec, stream_));
   else
     enqueue_layers();
-  if (logits) enqueue_lm_head();
+  float* landing = logits ? logits_landing(logits) : nullptr;
+  if (logits) enqueue_lm_head(landing);
   lm_head_timed_ = logits != nullptr;
   FM_CUDA(cudaStreamSynchronize(stream_));
   if (tracing) write_trace();
-  if (logits) std::memcpy(logits, h_logits_.p, logits_.bytes());
+  if (landing != logits) std::memcpy(logits, landing, logits_.bytes());
   if (profile_) collect_profile();
   if (resident_) {
     stats_.expert_cache_hits += uint64_t(k_) * uint64_t(c_.num_layers);
@@ -689,8 +737,19 @@ void CudaEngine::write_trace() {
     throw std::runtime_error("could not write the CUDA trace to " + trace_path_);
 }
 
-// logits of the residual x_ (final norm, lm_head) into h_logits_, queued on the compute stream
-void CudaEngine::enqueue_lm_head() {
+// Where the logits' device-to-host copy lands for the caller's buffer `out`: `out` itself when it
+// is page-locked (logits_buffers() lends such buffers), else the staging buffer, which the
+// caller's thread copies on after the synchronisation.
+float* CudaEngine::logits_landing(float* out) const {
+  cudaPointerAttributes a{};
+  const bool pinned = cudaPointerGetAttributes(&a, out) == cudaSuccess && a.type == cudaMemoryTypeHost;
+  cudaGetLastError();  // an unknown pointer's query error is not sticky; clear it
+  return pinned ? out : h_logits_.p;
+}
+
+// logits of the residual x_ (final norm, lm_head) into dst (page-locked host memory), queued on the
+// compute stream
+void CudaEngine::enqueue_lm_head(float* dst) {
   const size_t base = size_t(c_.num_layers) * kEvPerLayer;
   if (profile_) FM_CUDA(cudaEventRecord(prof_[base]->e, stream_));
   cuda::PrologueArgs pro;
@@ -703,7 +762,7 @@ void CudaEngine::enqueue_lm_head() {
   job.out = logits_.p;
   cuda::matvec(stream_, pro, c_.hidden_size, &job, 1, sms_);
   if (profile_) FM_CUDA(cudaEventRecord(prof_[base + 1]->e, stream_));
-  FM_CUDA(cudaMemcpyAsync(h_logits_.p, logits_.p, logits_.bytes(), cudaMemcpyDeviceToHost, stream_));
+  FM_CUDA(cudaMemcpyAsync(dst, logits_.p, logits_.bytes(), cudaMemcpyDeviceToHost, stream_));
 }
 
 void CudaEngine::enqueue_layers() {
@@ -944,14 +1003,15 @@ void CudaEngine::forward_chunk(const int32_t* tokens, int m, float* logits) {
     chunk_moe(l, m);
   }
   pos_ += m;
+  float* landing = logits ? logits_landing(logits) : nullptr;
   if (logits) {
     const size_t H = size_t(c_.hidden_size);
     FM_CUDA(cudaMemcpyAsync(x_.p, px_.p + size_t(m - 1) * H, H * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
-    enqueue_lm_head();
+    enqueue_lm_head(landing);
   }
   lm_head_timed_ = false;
   FM_CUDA(cudaStreamSynchronize(stream_));
-  if (logits) std::memcpy(logits, h_logits_.p, logits_.bytes());
+  if (landing != logits) std::memcpy(logits, landing, logits_.bytes());
   stats_.tokens += uint64_t(m);
   stats_.total_ms += ms_since(t0);
 }
