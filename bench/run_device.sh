@@ -11,6 +11,10 @@ set -uo pipefail
 OUT=${OUT:-/tmp/flashmoe-device-out}
 WHAT=${1:-all}
 mkdir -p "$OUT"
+# build logs stay on the device machine (at most 8 files come back from $OUT); a failed build
+# prints its log's tail
+LOGS=/tmp/flashmoe-build-logs
+mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 
@@ -34,7 +38,7 @@ t0=$(date +%s)
 # (explicit either way: the build folder is kept between calls, and with it the cached option)
 TRACE_ARG=-DFLASHMOE_CUDA_TRACE=$([[ $WHAT == trace ]] && echo ON || echo OFF)
 CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90 $TRACE_ARG" python3 -m pip install --no-build-isolation --no-deps -q . \
-  > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
+  > "$LOGS/build.log" 2>&1 || { tail -60 "$LOGS/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
 python3 -c "import flashmoe_native._core as c; r = c.cuda_unavailable_reason(); print('cuda:', r or 'available')"
 
@@ -73,7 +77,7 @@ if [[ $WHAT == ab ]]; then
     t0=$(date +%s)
     name=${tree%%=*}
     (cd "${tree#*=}" && CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90" python3 -m pip install --no-build-isolation \
-      --no-deps -q --target "/tmp/v_$name" .) > "$OUT/build_$name.log" 2>&1 || { tail -60 "$OUT/build_$name.log"; exit 1; }
+      --no-deps -q --target "/tmp/v_$name" .) > "$LOGS/build_$name.log" 2>&1 || { tail -60 "$LOGS/build_$name.log"; exit 1; }
     echo "$name build: $(( $(date +%s) - t0 )) s"
     VARIANTS+=("$name=/tmp/v_$name")
   done
@@ -85,7 +89,7 @@ from synthetic import qwen35_35b_a3b, write_synthetic_model as w; w(Path('/tmp/f
   status=${PIPESTATUS[0]}
   if [[ ${AB_TRACE:-0} == 1 ]]; then
     CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90 -DFLASHMOE_CUDA_TRACE=ON" python3 -m pip install --no-build-isolation \
-      --no-deps -q . > "$OUT/build_trace.log" 2>&1 || { tail -60 "$OUT/build_trace.log"; exit 1; }
+      --no-deps -q . > "$LOGS/build_trace.log" 2>&1 || { tail -60 "$LOGS/build_trace.log"; exit 1; }
     WHAT=trace
   fi
 fi

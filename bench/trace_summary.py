@@ -3,9 +3,9 @@
 A build with -DFLASHMOE_CUDA_TRACE=ON and FLASHMOE_CUDA_TRACE=<file> in the environment writes one
 record per block of every launch of the token at position 32. This prints, for a window of
 launches, when their blocks started, when their wait returned, their prologue's marks and their
-end (microseconds from the window's first start; medians over the launch's blocks), then how much
-of the token each kind of launch holds on the critical path: from its predecessor's last block's
-end to its own last block's end.
+end (microseconds from the window's first start; medians over the launch's blocks), the spread of
+each launch's phases over its blocks, then how much of the token each kind of launch holds on the
+critical path: from its predecessor's last block's end to its own last block's end.
 
     python bench/trace_summary.py trace.bin [--first 47] [--count 12]
 """
@@ -37,6 +37,12 @@ def median_mark(launch: np.ndarray, mark: int, origin: int) -> float | None:
     t = launch["t"][:, mark]
     t = t[t > 0]
     return float(np.median(t.astype(np.int64) - origin)) / 1e3 if len(t) else None
+
+
+def spread(ns: np.ndarray) -> str:
+    """10th, 50th and 90th percentiles of durations in ns, as microseconds."""
+    p10, p50, p90 = np.percentile(ns, [10, 50, 90]) / 1e3
+    return f"{p10:6.2f} {p50:6.2f} {p90:6.2f}"
 
 
 def main() -> int:
@@ -76,6 +82,17 @@ def main() -> int:
             name = KERNELS[int(g["kernel"][0])]
             print(f"{name:10s} {len(g):6d} {len(np.unique(g['sm'])):4d} {cols}")
             prev_end = last_end[i]
+
+        # the spread over a launch's blocks of its three phases: start to wait returned, wait to x
+        # ready (or to the end, for kernels without a prologue), x ready to the end
+        print("phases over each launch's blocks, us (10th / 50th / 90th percentile):")
+        print(f"{'launch':10s} {'start->waited':>20s} {'waited->ready':>20s} {'ready->end':>20s}")
+        for g in window:
+            t = g["t"].astype(np.int64)
+            ready = np.where(t[:, 4] > 0, t[:, 4], t[:, 5])
+            phases = (t[:, 1] - t[:, 0], ready - t[:, 1], t[:, 5] - ready)
+            cols = " ".join(spread(d) for d in phases)
+            print(f"{KERNELS[int(g['kernel'][0])]:10s} {cols}")
 
     # critical-path time per kind of launch: predecessor's last end to own last end
     held: dict[str, float] = {}
