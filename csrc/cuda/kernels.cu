@@ -221,26 +221,25 @@ __device__ __forceinline__ void q4_split_chunk(int c, const float (&v)[8], float
   // so that every part's scale stays a normal float
   const int E = max(int(__float_as_uint(mx) >> 23), 40);
   if (c % 8 == 0) vs.q4scale[c / 8] = E >= 255 ? __uint_as_float(0x7fc00000u) : __uint_as_float(uint32_t(E - 5) << 23);
-  float r[8];
+  // X = rint(x 2^21 / S), |X| < 2^27: the product is exact, and so is its rounding, one conversion
+  // per column (the conversion pipe issues 16 per clock per SM). Its base-128 digits are the
+  // parts: three low ones in [0, 127], the top one signed, x = S (p0 + p1 2^-7 + p2 2^-14 + p3
+  // 2^-21) to half of 2^-21 S, the X that rounding part by part reaches too.
+  const float to_x = __uint_as_float(uint32_t(280 - E) << 23);
+  uint32_t word[4][2] = {};  // part p of the chunk's even and odd columns (q4_frag_byte)
 #pragma unroll
-  for (int e = 0; e < 8; ++e) r[e] = v[e];
+  for (int e = 0; e < 8; ++e) {
+    const int X = __float2int_rn(v[e] * to_x);
+    const uint32_t d[4] = {uint32_t(X >> 21) & 255u, uint32_t(X >> 14) & 127u, uint32_t(X >> 7) & 127u,
+                           uint32_t(X) & 127u};
+#pragma unroll
+    for (int p = 0; p < 4; ++p) word[p][e & 1] |= d[p] << (8 * (e >> 1));
+  }
   uint8_t* frag = reinterpret_cast<uint8_t*>(vs.q4frag);
 #pragma unroll
   for (int p = 0; p < 4; ++p) {
-    uint32_t word[2] = {0, 0};  // the chunk's even and odd columns (q4_frag_byte)
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      // r * 2^7p / S and q * S / 2^7p are exact, and so is their difference. |r 2^7p / S| <= 64:
-      // adding 1.5 * 2^23 rounds it to the nearest integer (ties to even, as rintf) and leaves
-      // that integer in the low mantissa bits, in two full-rate adds instead of two conversions
-      // (the conversion pipe: 16 per clock per SM against 128 float adds; it held every q4 prologue).
-      const float m = fmaf(r[e], __uint_as_float(uint32_t(259 - E + 7 * p) << 23), kRoundMagic);
-      const float q = m - kRoundMagic;
-      r[e] -= q * __uint_as_float(uint32_t(E - 5 - 7 * p) << 23);
-      word[e & 1] |= (__float_as_uint(m) & 255u) << (8 * (e >> 1));
-    }
-    *reinterpret_cast<uint32_t*>(frag + q4_frag_byte(c, p, 0)) = word[0];
-    *reinterpret_cast<uint32_t*>(frag + q4_frag_byte(c, p, 1)) = word[1];
+    *reinterpret_cast<uint32_t*>(frag + q4_frag_byte(c, p, 0)) = word[p][0];
+    *reinterpret_cast<uint32_t*>(frag + q4_frag_byte(c, p, 1)) = word[p][1];
   }
 }
 
