@@ -273,9 +273,9 @@ struct Q4Stage {
 
   // fr: the lane's B fragments of the stage's step (a zero block on lanes whose B columns are
   // another group's); S: the step's group scale (zero past cols), gs: its sum of x (zero on odd
-  // lanes); c0, c1: the scales of the lane's two parts relative to S; bmask keeps the bias on even
-  // lanes.
-  __device__ __forceinline__ void consume(const uint4* fr, float S, float gs, float c0, float c1, uint32_t bmask,
+  // lanes); c1: the scale of the lane's second part relative to S (its first is 2^7 c1); bmask
+  // keeps the bias on even lanes.
+  __device__ __forceinline__ void consume(const uint4* fr, float S, float gs, float c1, uint32_t bmask,
                                           float (&acc)[N][2]) const {
     const uint4 b01 = fr[0], b23 = fr[1];
     const uint32_t b[8] = {b01.x, b01.y, b01.z, b01.w, b23.x, b23.y, b23.z, b23.w};
@@ -290,13 +290,15 @@ struct Q4Stage {
         mma_u8s8(d2[m >> 1][n], word(w[n][0], i) & mask, word(w[n][1], i) & mask, word(w[n][0], i + 1) & mask,
                  word(w[n][1], i + 1) & mask, b[2 * m], b[2 * m + 1]);
       }
-    const float f0 = S * c0, f1 = S * c1;
+    // the lane's two parts are 2^7 apart: their dot is f1 (2^7 d0 + d1), an integer
+    // below 2^24 (|d| < 2^17) times a power of two, exact in one conversion and one product
+    const float f1 = S * c1;
 #pragma unroll
     for (int n = 0; n < N; ++n)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int d0 = d2[0][n][2 * h] + (d2[1][n][2 * h] >> 4), d1 = d2[0][n][2 * h + 1] + (d2[1][n][2 * h + 1] >> 4);
-        const float dot = fmaf(small_int_float(d0), f0, small_int_float(d1) * f1);
+        const float dot = __int2float_rn(d0 * 128 + d1) * f1;
         const float scale = __uint_as_float(sb[n][h] << 16);
         const float bias = __uint_as_float(sb[n][h] & bmask);
         acc[n][h] = fmaf(scale, dot, acc[n][h]);
@@ -352,7 +354,7 @@ __device__ __forceinline__ void rows_dot_q4(const DevMat* m, int r0, int r1, con
   const int fr_step = b_on ? kQ4FragBytes / 16 : 0;
   const float* scale_t = v.q4scale + (t >> 1);
   const float* gsum_t = v.gsum + (t >> 1);
-  const float c0 = t & 1 ? 0x1p-14f : 1.0f, c1 = t & 1 ? 0x1p-21f : 0x1p-7f;
+  const float c1 = t & 1 ? 0x1p-21f : 0x1p-7f;
   const uint32_t bmask = t & 1 ? 0u : 0xFFFF0000u;
   float acc[N][2] = {};
   int ct = slot, cs = s0;  // the stage being consumed
@@ -361,7 +363,7 @@ __device__ __forceinline__ void rows_dot_q4(const DevMat* m, int r0, int r1, con
     for (int j = 0; j < D; ++j) {
       if (k0 + j >= n) break;
       if (k0 + j + D - 1 < n) issue(ring[(j + D - 1) % D]);
-      ring[j].consume(fr0 + cs * fr_step, scale_t[2 * cs], t & 1 ? 0.0f : gsum_t[2 * cs], c0, c1, bmask, acc);
+      ring[j].consume(fr0 + cs * fr_step, scale_t[2 * cs], t & 1 ? 0.0f : gsum_t[2 * cs], c1, bmask, acc);
       if (++cs == s1) {  // the tile's slice is done: lane t = 0 adds the four lanes' sums
 #pragma unroll
         for (int q = 0; q < N; ++q)
