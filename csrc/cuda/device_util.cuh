@@ -21,11 +21,6 @@ __device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : log1
 
 // Small integer q (< 2^23) to float exactly: one OR and one subtract instead of a slow I2F.
 __device__ __forceinline__ float qf(uint32_t q) { return __uint_as_float(0x4B000000u | q) - 8388608.0f; }
-// 1.5 * 2^23: a float of magnitude below 2^22 plus this holds its integer part in the low mantissa
-// bits (bits 0x4B400000 + i for -2^22 < i < 2^22).
-constexpr float kRoundMagic = 12582912.0f;
-// Signed integer |i| < 2^22 to float exactly, without the conversion pipe.
-__device__ __forceinline__ float small_int_float(int i) { return __int_as_float(0x4B400000 + i) - kRoundMagic; }
 
 __device__ __forceinline__ uint4 load_stream(const uint4* p) {
   uint4 v;
