@@ -212,7 +212,7 @@ class CudaEngine final : public Engine {
   void capture_graph();
   void forward(int32_t token, float* logits);
   void enqueue_layers();
-  float* logits_landing(float* out) const;
+  float* logits_landing(float* out, float** device) const;
   void enqueue_lm_head(float* dst);
   void forward_chunk(const int32_t* tokens, int m, float* logits);
   void chunk_mixer(int l, int m);
@@ -255,13 +255,14 @@ class CudaEngine final : public Engine {
 
   // activations
   DeviceArray<float> x_, h_, mixed_, z_, gate_, bgate_, agate_, o_, q_, kraw_, vraw_, attn_part_, attn_out_;
-  DeviceArray<float> router_logits_, shared_logit_, expert_w_, act_, y_, logits_;
+  DeviceArray<float> router_logits_, shared_logit_, expert_w_, act_, y_;
   DeviceArray<int> expert_ids_, topk_counter_, row_counters_;
   DeviceArray<cuda::StepParams> step_;
   int act_stride_ = 0;
   PinnedArray<cuda::StepParams> h_step_;
   PinnedArray<int> h_ids_;
   PinnedArray<float> h_logits_;  // staging for callers' buffers that are not page-locked
+  float* h_logits_device_ = nullptr;  // its address on the device
   std::shared_ptr<LogitsBuffers> logits_buffers_;
 
   // expert cache
@@ -507,11 +508,11 @@ void CudaEngine::allocate_state() {
   act_stride_ = (std::max(I, Is) + 3) / 4 * 4;
   act_.alloc(size_t(k_ + 1) * size_t(act_stride_));
   y_.alloc(size_t(k_ + 1) * size_t(H));
-  logits_.alloc(size_t(c_.vocab_size));
   step_.alloc(1);
   h_step_.alloc(1);
   h_ids_.alloc(size_t(k_));
   h_logits_.alloc(size_t(c_.vocab_size));
+  FM_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&h_logits_device_), h_logits_.p, 0));
   logits_buffers_ = std::make_shared<PinnedLogitsBuffers>(size_t(c_.vocab_size));
 
   const size_t C = size_t(chunk_), k = size_t(k_);
@@ -707,12 +708,13 @@ void CudaEngine::forward(int32_t token, float* logits) {
     FM_CUDA(cudaGraphLaunch(graph_.exec, stream_));
   else
     enqueue_layers();
-  float* landing = logits ? logits_landing(logits) : nullptr;
-  if (logits) enqueue_lm_head(landing);
+  float* device = nullptr;
+  float* landing = logits ? logits_landing(logits, &device) : nullptr;
+  if (logits) enqueue_lm_head(device);
   lm_head_timed_ = logits != nullptr;
   FM_CUDA(cudaStreamSynchronize(stream_));
   if (tracing) write_trace();
-  if (landing != logits) std::memcpy(logits, landing, logits_.bytes());
+  if (landing != logits) std::memcpy(logits, landing, size_t(c_.vocab_size) * sizeof(float));
   if (profile_) collect_profile();
   if (resident_) {
     stats_.expert_cache_hits += uint64_t(k_) * uint64_t(c_.num_layers);
@@ -737,17 +739,21 @@ void CudaEngine::write_trace() {
     throw std::runtime_error("could not write the CUDA trace to " + trace_path_);
 }
 
-// Where the logits' device-to-host copy lands for the caller's buffer `out`: `out` itself when it
-// is page-locked (logits_buffers() lends such buffers), else the staging buffer, which the
-// caller's thread copies on after the synchronisation.
-float* CudaEngine::logits_landing(float* out) const {
+// Where lm_head writes the logits for the caller's buffer `out`: `out` itself when it is
+// page-locked and mapped for the device (as the buffers logits_buffers() lends are), else the
+// staging buffer, which the caller's thread copies on after the synchronisation. *device: the
+// landing's address on the device. lm_head's rows write it over the bus as they finish, so no
+// copy of the logits follows the last row.
+float* CudaEngine::logits_landing(float* out, float** device) const {
   cudaPointerAttributes a{};
-  const bool pinned = cudaPointerGetAttributes(&a, out) == cudaSuccess && a.type == cudaMemoryTypeHost;
+  const bool mapped =
+      cudaPointerGetAttributes(&a, out) == cudaSuccess && a.type == cudaMemoryTypeHost && a.devicePointer;
   cudaGetLastError();  // an unknown pointer's query error is not sticky; clear it
-  return pinned ? out : h_logits_.p;
+  *device = mapped ? static_cast<float*>(a.devicePointer) : h_logits_device_;
+  return mapped ? out : h_logits_.p;
 }
 
-// logits of the residual x_ (final norm, lm_head) into dst (page-locked host memory), queued on the
+// logits of the residual x_ (final norm, lm_head) into dst (page-locked host memory, its device address), queued on the
 // compute stream
 void CudaEngine::enqueue_lm_head(float* dst) {
   const size_t base = size_t(c_.num_layers) * kEvPerLayer;
@@ -759,10 +765,9 @@ void CudaEngine::enqueue_lm_head(float* dst) {
   pro.eps = c_.rms_norm_eps;
   cuda::MatvecJob job;
   job.m = lm_head_;
-  job.out = logits_.p;
+  job.out = dst;
   cuda::matvec(stream_, pro, c_.hidden_size, &job, 1, sms_);
   if (profile_) FM_CUDA(cudaEventRecord(prof_[base + 1]->e, stream_));
-  FM_CUDA(cudaMemcpyAsync(dst, logits_.p, logits_.bytes(), cudaMemcpyDeviceToHost, stream_));
 }
 
 void CudaEngine::enqueue_layers() {
@@ -1003,15 +1008,16 @@ void CudaEngine::forward_chunk(const int32_t* tokens, int m, float* logits) {
     chunk_moe(l, m);
   }
   pos_ += m;
-  float* landing = logits ? logits_landing(logits) : nullptr;
+  float* device = nullptr;
+  float* landing = logits ? logits_landing(logits, &device) : nullptr;
   if (logits) {
     const size_t H = size_t(c_.hidden_size);
     FM_CUDA(cudaMemcpyAsync(x_.p, px_.p + size_t(m - 1) * H, H * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
-    enqueue_lm_head(landing);
+    enqueue_lm_head(device);
   }
   lm_head_timed_ = false;
   FM_CUDA(cudaStreamSynchronize(stream_));
-  if (landing != logits) std::memcpy(logits, landing, logits_.bytes());
+  if (landing != logits) std::memcpy(logits, landing, size_t(c_.vocab_size) * sizeof(float));
   stats_.tokens += uint64_t(m);
   stats_.total_ms += ms_since(t0);
 }
