@@ -124,7 +124,7 @@ nb::ndarray<nb::numpy, float, nb::ndim<1>> new_array(size_t n, float** data) {
 }
 
 // An array for the engine's logits, in a buffer the engine lends (the CUDA engine's are
-// page-locked, so its device-to-host copy fills them directly); the buffer goes back when the
+// page-locked and mapped, so lm_head writes them directly); the buffer goes back when the
 // array dies, to buffers that outlive the engine.
 nb::ndarray<nb::numpy, float, nb::ndim<1>> new_logits(const fm::Engine& engine, float** data) {
   struct Lent {
