@@ -254,7 +254,7 @@ class CudaEngine final : public Engine {
   size_t state_floats_ = 0;
 
   // activations
-  DeviceArray<float> x_, h_, mixed_, z_, gate_, bgate_, agate_, o_, q_, kraw_, vraw_, attn_part_, attn_out_;
+  DeviceArray<float> x_, h_, mixed_, z_, bgate_, agate_, o_, o_sumsq_, q_, kraw_, vraw_, attn_part_, attn_out_;
   DeviceArray<float> router_logits_, shared_logit_, expert_w_, act_, y_;
   DeviceArray<int> expert_ids_, topk_counter_, row_counters_;
   DeviceArray<cuda::StepParams> step_;
@@ -488,7 +488,7 @@ void CudaEngine::allocate_state() {
   h_.alloc(size_t(H));
   mixed_.alloc(size_t(std::max<int64_t>(ch, 2 * int64_t(nh) * hd)));
   z_.alloc(size_t(vd));
-  gate_.alloc(size_t(vd));
+  o_sumsq_.alloc(size_t(c_.lin_num_value_heads) * size_t((c_.lin_value_head_dim + 31) / 32));
   bgate_.alloc(size_t(nv));
   agate_.alloc(size_t(nv));
   o_.alloc(size_t(vd));
@@ -829,13 +829,14 @@ void CudaEngine::mixer(int l) {
     d.b = bgate_.p;
     d.a = agate_.p;
     d.z = z_.p;
-    d.gate = gate_.p;
+    d.out_norm = w.out_norm;
     d.conv_w = w.conv_w;
     d.a_log = w.a_log;
     d.dt_bias = w.dt_bias;
     d.conv_ring = w.conv;
     d.state = w.ssm;
     d.o = o_.p;
+    d.o_sumsq = o_sumsq_.p;
     d.step = step_.p;
     d.nk = c_.lin_num_key_heads;
     d.nv = c_.lin_num_value_heads;
@@ -846,8 +847,7 @@ void CudaEngine::mixer(int l) {
     cuda::PrologueArgs gated;
     gated.kind = cuda::Prologue::GatedNorm;
     gated.src = o_.p;
-    gated.gate = gate_.p;
-    gated.w = w.out_norm;
+    gated.sumsq = o_sumsq_.p;
     gated.eps = c_.rms_norm_eps;
     gated.head_dim = c_.lin_value_head_dim;
     cuda::MatvecJob out;

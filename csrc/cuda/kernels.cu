@@ -418,7 +418,7 @@ __device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
 // Builds the block's x, its group sums and, when `q4`, its int8 parts, for inputs of up to
 // CH * 8 * kThreads columns; every thread of the block takes part. Thread t holds chunks t,
 // t + kThreads, ... (8 columns each) in registers, so a 64-column group is 8 neighbouring lanes
-// and a head of the gated norm head_dim / 8 of them: group and head sums are shuffles, and only
+// and a gated norm's head reads its few sums of squares: group sums are shuffles, and only
 // the RMSNorm's block sum and the final barrier synchronise the block. Every input load is issued
 // before any is used. The inputs are read as float4s: weights.bin tensors start 64-byte aligned
 // and activations are whole buffers.
@@ -430,14 +430,18 @@ __device__ void load_x_chunks(const PrologueArgs& p, int cols, const VecSmem& vs
   float ss = 0.0f;
 #pragma unroll
   for (int i0 = 0; i0 < CH; i0 += B) {
-    float w[B][8], g[B][8];
+    float w[B][8], hs[B][4];
 #pragma unroll
     for (int i = i0; i < i0 + B; ++i) {
       const int c = tid + i * kThreads;
       if (c >= nc) break;
       load8(p.src + 8 * c, v[i]);
       if (p.kind == Prologue::Norm) load8(p.w + 8 * c, w[i - i0]);
-      if (p.kind == Prologue::GatedNorm) load8(p.w + 8 * c % p.head_dim, w[i - i0]), load8(p.gate + 8 * c, g[i - i0]);
+      if (p.kind == Prologue::GatedNorm) {  // the head's sums, ceil(head_dim / 32) <= 4 of them
+        const float* h = p.sumsq + 8 * c / p.head_dim * ((p.head_dim + 31) / 32);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) hs[i - i0][q] = q * 32 < p.head_dim ? h[q] : 0.0f;
+      }
     }
 #pragma unroll
     for (int i = i0; i < i0 + B; ++i) {
@@ -453,11 +457,11 @@ __device__ void load_x_chunks(const PrologueArgs& p, int cols, const VecSmem& vs
 #pragma unroll
           for (int e = 0; e < 8; ++e) v[i][e] *= 1.0f + w[i - i0][e];
       } else if (p.kind == Prologue::GatedNorm) {
-        for (int off = 1; off < p.head_dim / 8; off <<= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
-        const float inv = 1.0f / sqrtf(sq / float(p.head_dim) + p.eps);
+        const float* h = hs[i - i0];
+        const float inv = 1.0f / sqrtf((((h[0] + h[1]) + h[2]) + h[3]) / float(p.head_dim) + p.eps);
         if (ok)
 #pragma unroll
-          for (int e = 0; e < 8; ++e) v[i][e] = v[i][e] * inv * w[i - i0][e] * g[i - i0][e];
+          for (int e = 0; e < 8; ++e) v[i][e] *= inv;
       }
     }
   }
@@ -810,11 +814,12 @@ __global__ void __launch_bounds__(kDeltaWarps * 32) deltanet_kernel(DeltaArgs a)
   if (has_qk) cq.load(a, tid < dk ? kh * dk + tid : kd + kh * dk + (tid - dk), ch);
   if (has_v) cv.load(a, 2 * kd + j * dv + b, ch);
   const float a_log = a.a_log[j], dt_bias = a.dt_bias[j];
+  const float w_norm = has_v ? a.out_norm[b] : 0.0f;
   pdl_sync();
   const float xq = has_qk ? a.mixed[cq.chan] : 0.0f, xv = has_v ? a.mixed[cv.chan] : 0.0f;
   const int cur = int(pos % K);
   const float gb = a.b[j], ga = a.a[j];
-  if (has_v) a.gate[int64_t(j) * dv + b] = silu(a.z[int64_t(j) * dv + b]);
+  const float gate = has_v ? silu(a.z[int64_t(j) * dv + b]) : 0.0f;
   float* qk = sh;           // [2*dk]: q then k of key head kh, normalised
   float* vs = qk + 2 * dk;  // [32]
   float* red = vs + 32;     // [2 * kDeltaWarps * 32]
@@ -844,7 +849,11 @@ __global__ void __launch_bounds__(kDeltaWarps * 32) deltanet_kernel(DeltaArgs a)
     const int r = warp + kDeltaWarps * i;
     if (r < dk && col_ok) S[int64_t(r) * dv + b] = s[i];
   }
-  if (warp == 0 && col_ok) a.o[int64_t(j) * dv + b] = o;
+  if (warp == 0) {
+    const float sq = warp_sum(col_ok ? o * o : 0.0f);
+    if (lane == 0) a.o_sumsq[int64_t(j) * gridDim.y + blockIdx.y] = sq;
+    if (col_ok) a.o[int64_t(j) * dv + b] = o * gate * w_norm;
+  }
   trace::end(trace::kDeltaNet);
 }
 
@@ -1001,10 +1010,9 @@ void matvec(cudaStream_t s, const PrologueArgs& pro, int cols, const MatvecJob* 
             const TopkTail* tail) {
   if (njobs < 1 || njobs > kMaxJobs) throw std::logic_error("matvec: 1..kMaxJobs jobs per launch");
   if (cols > kMaxCols) throw std::invalid_argument("CUDA matvec inputs are at most kMaxCols (8192) wide");
-  const int hd8 = pro.head_dim / 8;
   if (pro.kind == Prologue::GatedNorm &&
-      (pro.head_dim % 8 || hd8 < 1 || hd8 > 32 || (hd8 & (hd8 - 1)) || cols % pro.head_dim))
-    throw std::invalid_argument("gated norm: head_dim 8 times a power of two up to 256, cols a multiple of it");
+      (pro.head_dim < 8 || pro.head_dim % 8 || pro.head_dim > 128 || cols % pro.head_dim))
+    throw std::invalid_argument("gated norm: head_dim a multiple of 8 up to 128, cols a multiple of it");
   MatvecParams p;
   p.pro = pro;
   p.cols = cols;

@@ -50,14 +50,16 @@ struct PartDesc {
 enum class Prologue : int {
   Copy,       // x = src
   Norm,       // x = src * rsqrt(mean(src^2) + eps) * (1 + w); block 0 also writes x to norm_out
-  GatedNorm,  // per head of head_dim: x = src * rsqrt(mean_head(src^2) + eps) * w[i % head_dim] * gate
+  GatedNorm,  // per head of head_dim: x = src * rsqrt(sum_head(sumsq) / head_dim + eps), src the gated output
 };
 
 struct PrologueArgs {
   Prologue kind = Prologue::Copy;
   const float* src = nullptr;
   const float* w = nullptr;
-  const float* gate = nullptr;  // GatedNorm: silu(z), which the DeltaNet launch computes
+  // GatedNorm: per head, the sums of squares of its ungated output over each 32 columns
+  // (ceil(head_dim / 32) per head), which the DeltaNet launch leaves with its gated output
+  const float* sumsq = nullptr;
   float* norm_out = nullptr;
   float eps = 0;
   int head_dim = 0;
@@ -127,20 +129,22 @@ void attention(cudaStream_t s, const AttnArgs& a);
 
 // Gated DeltaNet for one token after in_proj_qkv/z/b/a: causal conv (ring of `kernel` inputs
 // indexed by position), SiLU, L2-normalised q/k, decay and beta gates, the per-value-head state
-// update, o = S^T q (before the gated output norm, which out_proj's prologue applies), and the
-// output gate silu(z) once per element, so that out_proj's blocks do not each recompute it.
+// update and its output o = S^T q, written gated and weighted as o silu(z) w_norm, with the sum of
+// o^2 over each block's 32 columns: out_proj's prologue then reads one vector and a few sums
+// for the gated RMSNorm instead of o, the gate and the norm weight.
 struct DeltaArgs {
   const float* mixed = nullptr;  // [2*nk*dk + nv*dv] pre-conv q|k|v
   const float* b = nullptr;      // [nv] before sigmoid
   const float* a = nullptr;      // [nv] before softplus
   const float* z = nullptr;      // [nv*dv] the output gate's input
-  float* gate = nullptr;         // [nv*dv] silu(z), for out_proj's prologue
+  const float* out_norm = nullptr;  // [dv] the gated RMSNorm's weight
   const float* conv_w = nullptr; // [channels, kernel]
   const float* a_log = nullptr;
   const float* dt_bias = nullptr;
   float* conv_ring = nullptr;    // [kernel, channels]
   float* state = nullptr;        // [nv, dk, dv]
-  float* o = nullptr;            // [nv*dv]
+  float* o = nullptr;            // [nv*dv] o silu(z) w_norm
+  float* o_sumsq = nullptr;      // [nv, ceil(dv / 32)] sum of o^2 over each 32 columns
   const StepParams* step = nullptr;
   int nk = 0, nv = 0, dk = 0, dv = 0, kernel = 0;
 };
