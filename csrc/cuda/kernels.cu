@@ -1070,6 +1070,8 @@ void attention(cudaStream_t s, const AttnArgs& a) {
 
 void deltanet(cudaStream_t s, const DeltaArgs& a) {
   if (a.dk > kMaxDeltaKeyDim) throw std::invalid_argument("CUDA DeltaNet supports key head dims up to 128");
+  if (a.dv > 128)  // out_proj's gated norm reads at most 4 sums of 32 columns per head
+    throw std::invalid_argument("CUDA DeltaNet supports value head dims up to 128");
   if (a.kernel < 1 || a.kernel > kMaxConvKernel)
     throw std::invalid_argument("CUDA DeltaNet supports conv kernels of 1.." + std::to_string(kMaxConvKernel) + " taps");
   const size_t smem = (2 * size_t(a.dk) + 32 + 2 * kDeltaWarps * 32 + 2 * kDeltaWarps) * sizeof(float);
