@@ -753,8 +753,8 @@ float* CudaEngine::logits_landing(float* out, float** device) const {
   return mapped ? out : h_logits_.p;
 }
 
-// logits of the residual x_ (final norm, lm_head) into dst (page-locked host memory, its device address), queued on the
-// compute stream
+// logits of the residual x_ (final norm, lm_head) into dst (page-locked host memory, by its
+// device address), queued on the compute stream
 void CudaEngine::enqueue_lm_head(float* dst) {
   const size_t base = size_t(c_.num_layers) * kEvPerLayer;
   if (profile_) FM_CUDA(cudaEventRecord(prof_[base]->e, stream_));
