@@ -445,13 +445,13 @@ __device__ void load_x_chunks(const PrologueArgs& p, int cols, const VecSmem& vs
     }
 #pragma unroll
     for (int i = i0; i < i0 + B; ++i) {
-      if (i * kThreads >= nc) break;  // block-uniform: every lane of a warp takes the shuffles
+      if (i * kThreads >= nc) break;
       const bool ok = tid + i * kThreads < nc;
-      float sq = 0.0f;
-      if (ok)
-#pragma unroll
-        for (int e = 0; e < 8; ++e) sq += v[i][e] * v[i][e];
       if (p.kind == Prologue::Norm) {
+        float sq = 0.0f;
+        if (ok)
+#pragma unroll
+          for (int e = 0; e < 8; ++e) sq += v[i][e] * v[i][e];
         ss += sq;
         if (ok)
 #pragma unroll
