@@ -254,7 +254,7 @@ class CudaEngine final : public Engine {
   size_t state_floats_ = 0;
 
   // activations
-  DeviceArray<float> x_, h_, mixed_, z_, bgate_, agate_, o_, o_sumsq_, q_, kraw_, vraw_, attn_part_, attn_out_;
+  DeviceArray<float> x_, mixed_, z_, bgate_, agate_, o_, o_sumsq_, q_, kraw_, vraw_, attn_part_, attn_out_;
   DeviceArray<float> router_logits_, shared_logit_, expert_w_, act_, y_;
   DeviceArray<int> expert_ids_, topk_counter_, row_counters_;
   DeviceArray<cuda::StepParams> step_;
@@ -485,7 +485,6 @@ void CudaEngine::allocate_state() {
   }
   const int I = c_.moe_intermediate, Is = c_.shared_intermediate;
   x_.alloc(size_t(H));
-  h_.alloc(size_t(H));
   mixed_.alloc(size_t(std::max<int64_t>(ch, 2 * int64_t(nh) * hd)));
   z_.alloc(size_t(vd));
   o_sumsq_.alloc(size_t(c_.lin_num_value_heads) * size_t((c_.lin_value_head_dim + 31) / 32));
@@ -871,7 +870,8 @@ cuda::ExpertArgs CudaEngine::expert_args(int l) const {
   a.ids = expert_ids_.p;
   a.weights = expert_w_.p;
   a.shared_logit = shared_logit_.p;
-  a.h = h_.p;
+  a.norm_w = w.post_norm;
+  a.eps = c_.rms_norm_eps;
   a.act = act_.p;
   a.act_stride = act_stride_;
   a.y = y_.p;
@@ -892,7 +892,6 @@ void CudaEngine::moe(int l) {
   norm.src = x_.p;
   norm.w = w.post_norm;
   norm.eps = c_.rms_norm_eps;
-  norm.norm_out = h_.p;  // the experts' input
   cuda::MatvecJob jobs[2];
   jobs[0].m = w.router, jobs[0].out = router_logits_.p;
   jobs[1].m = w.shared_gate, jobs[1].out = shared_logit_.p;

@@ -474,11 +474,6 @@ __device__ void load_x_chunks(const PrologueArgs& p, int cols, const VecSmem& vs
       if (c >= nc) break;
 #pragma unroll
       for (int e = 0; e < 8; ++e) v[i][e] *= inv;
-      if (p.norm_out && blockIdx.x == 0) {
-        float4* o = reinterpret_cast<float4*>(p.norm_out + 8 * c);
-        o[0] = {v[i][0], v[i][1], v[i][2], v[i][3]};
-        o[1] = {v[i][4], v[i][5], v[i][6], v[i][7]};
-      }
     }
   }
   trace::mark(trace::kNormed);
@@ -886,15 +881,29 @@ __device__ int entry_of_block(const ExpertParams& p) {
   return j;
 }
 
-// act[1 + k] = silu(gate h) * (up h) for the block's entry and rows. The shared expert's weight
-// loads start before the router has finished; a routed expert's, once its id is known.
+// act[1 + k] = silu(gate h) * (up h) for the block's entry and rows, h the post-attention RMSNorm
+// of x. x was written two launches back (out_proj or o_proj), so the block builds h and its q4
+// parts before its wait, while the router runs; a routed expert's weight loads start once its id
+// is known, the shared expert's rows are pulled into L2 at the start.
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) expert_gate_up_kernel(const __grid_constant__ ExpertParams p) {
   extern __shared__ float4 smem4[];
   trace::begin();
   const ExpertArgs& a = p.a;
   const int j = entry_of_block(p), k = p.b.k[j];
   const bool routed = k >= 0;
-  if (routed) pdl_sync();  // the routed experts' ids are the router's output
+  const int rows = routed ? a.gate.rows : a.shared_gate.rows, bits = routed ? a.gate.bits : a.shared_gate.bits;
+  const int r0 = (int(blockIdx.x) - p.first_block[j]) * p.rows_per_block[j];
+  const int r1 = min(rows, r0 + p.rows_per_block[j]);
+  if (!routed) prefetch_rows(a.shared_gate, r0, r1), prefetch_rows(a.shared_up, r0, r1);
+  VecSmem vs;
+  vec_smem_floats(a.hidden, &vs, reinterpret_cast<float*>(smem4));
+  PrologueArgs norm;
+  norm.kind = Prologue::Norm;
+  norm.src = a.x;
+  norm.w = a.norm_w;
+  norm.eps = a.eps;
+  load_x(norm, a.hidden, vs, bits == 4);
+  pdl_sync();  // the routed experts' ids are the router's output
   DevMat m[2];
   if (routed) {
     const uint8_t* base = expert_block(a, k, p.b.slot[j]);
@@ -904,21 +913,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) expert_gate_up_kernel(
     m[0] = a.shared_gate;
     m[1] = a.shared_up;
   }
-  const int r0 = (int(blockIdx.x) - p.first_block[j]) * p.rows_per_block[j];
-  const int r1 = min(m[0].rows, r0 + p.rows_per_block[j]);
-  if (!routed) prefetch_rows(m[0], r0, r1), prefetch_rows(m[1], r0, r1);
-  VecSmem vs;
-  vec_smem_floats(a.hidden, &vs, reinterpret_cast<float*>(smem4));
-  PrologueArgs copy;
-  copy.src = a.h;
   float* act = a.act + int64_t(k + 1) * a.act_stride;
-  rows_dot<2>(
-      m, r0, r1, vs,
-      [&] {
-        if (!routed) pdl_sync();
-        load_x(copy, a.hidden, vs, m[0].bits == 4);
-      },
-      [&](int r, float g, float u) { act[r] = silu(g) * u; });
+  rows_dot<2>(m, r0, r1, vs, [] {}, [&](int r, float g, float u) { act[r] = silu(g) * u; });
   trace::end(trace::kGateUp);
 }
 

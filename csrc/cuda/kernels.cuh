@@ -49,7 +49,7 @@ struct PartDesc {
 // How a matvec block builds its input vector x (cols floats) from `src`.
 enum class Prologue : int {
   Copy,       // x = src
-  Norm,       // x = src * rsqrt(mean(src^2) + eps) * (1 + w); block 0 also writes x to norm_out
+  Norm,       // x = src * rsqrt(mean(src^2) + eps) * (1 + w)
   GatedNorm,  // per head of head_dim: x = src * rsqrt(sum_head(sumsq) / head_dim + eps), src the gated output
 };
 
@@ -60,7 +60,6 @@ struct PrologueArgs {
   // GatedNorm: per head, the sums of squares of its ungated output over each 32 columns
   // (ceil(head_dim / 32) per head), which the DeltaNet launch leaves with its gated output
   const float* sumsq = nullptr;
-  float* norm_out = nullptr;
   float eps = 0;
   int head_dim = 0;
 };
@@ -166,7 +165,8 @@ struct ExpertArgs {
   const int* ids = nullptr;
   const float* weights = nullptr;
   const float* shared_logit = nullptr;  // sigmoid of this scales the shared expert
-  const float* h = nullptr;             // normalised input [hidden]
+  const float* norm_w = nullptr;        // the post-attention RMSNorm's weight: h = norm(x)
+  float eps = 0;
   float* act = nullptr;                 // [1 + k, act_stride]: silu(gate h) * (up h), shared first
   int act_stride = 0;
   float* y = nullptr;                   // [1 + k, hidden]: down act, shared first
