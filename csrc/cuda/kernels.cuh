@@ -170,7 +170,7 @@ struct ExpertArgs {
   float* act = nullptr;                 // [1 + k, act_stride]: silu(gate h) * (up h), shared first
   int act_stride = 0;
   float* y = nullptr;                   // [1 + k, hidden]: down act, shared first
-  float* x = nullptr;                   // residual stream
+  float* x = nullptr;                   // residual stream: gate/up's input (normed), down adds to it
   int* row_counters = nullptr;          // [hidden], 0 between layers: entries done per row range
   int layer = 0, num_experts = 0, hidden = 0;
   int k = 0;                            // routed experts per token (the layer's entries: k + 1)
