@@ -31,6 +31,9 @@ if [[ $WHAT == all || $WHAT == chain ]]; then
   # whether a slice read from L2 is slower when another SM pulled it in (the L2's two partitions)
   nvcc -O3 -std=c++17 -arch=sm_90 -Icsrc bench/l2_locality.cu -o /tmp/l2_locality && /tmp/l2_locality \
     | tee "$OUT/l2_locality.txt"
+  # what a q4 row loop and a prologue cost by themselves, x ready to rows emitted
+  nvcc -O3 -std=c++17 -arch=sm_90 -Icsrc -Ibench bench/row_loop.cu -o /tmp/row_loop && /tmp/row_loop \
+    | tee "$OUT/row_loop.txt"
   [[ $WHAT == chain ]] && exit "${PIPESTATUS[0]}"
 fi
 t0=$(date +%s)
