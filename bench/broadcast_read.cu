@@ -19,12 +19,6 @@
 constexpr int kThreads = 256;
 constexpr int kRepeats = 31;  // timed launches per case; medians are reported
 
-__device__ __forceinline__ uint64_t now() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
 __global__ void write_kernel(float* v, size_t n, float value) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
     v[i] = value + float(i % 7);

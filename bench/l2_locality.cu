@@ -27,12 +27,6 @@ constexpr int kThreads = 256, kWarps = kThreads / 32;
 constexpr int kRowBytes = 1024;  // a 2048-column q4 row
 constexpr int kRepeats = 21;
 
-__device__ __forceinline__ uint64_t now() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
 // Warp w reads rows w, w + 8, ... of the block's slice, 4 loads of 16 bytes per lane in flight.
 __device__ __forceinline__ uint32_t read_slice(const uint4* m, int r0, int r1) {
   const int warp = int(threadIdx.x) >> 5, lane = int(threadIdx.x) & 31;

@@ -16,12 +16,6 @@
 namespace fm::cuda {
 namespace {
 
-__device__ __forceinline__ uint64_t gtime() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
 // kPair: the block's two halves of rows as the two matrices of rows_dot<2> (one x fragment for
 // both); kTwice: the rows once untimed, then timed (the second pass finds its instructions cached).
 template <bool kPair, bool kTwice>
@@ -38,7 +32,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   auto ready = [&] {
     load_x(pro, m.cols, vs, true);
     c0 = clock64();
-    g0 = gtime();
+    g0 = ::now();
   };
   if constexpr (kPair) {
     const int half = (r1 - r0) / 2;
@@ -56,7 +50,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   __syncthreads();
   if (threadIdx.x == 0) {
     t[2 * blockIdx.x] = clock64() - c0;
-    t[2 * blockIdx.x + 1] = static_cast<long long>(gtime() - g0);
+    t[2 * blockIdx.x + 1] = static_cast<long long>(::now() - g0);
   }
 }
 
@@ -73,11 +67,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   p1.eps = p2.eps = 1e-6f;
   p1.src = x1, p1.w = w1, p2.src = x2, p2.w = w2;
   __syncthreads();
-  const uint64_t g0 = gtime();
+  const uint64_t g0 = ::now();
   load_x(p1, cols, vs, true);
-  const uint64_t g1 = gtime();
+  const uint64_t g1 = ::now();
   load_x(p2, cols, vs, true);
-  const uint64_t g2 = gtime();
+  const uint64_t g2 = ::now();
   if (threadIdx.x == 0) {
     t[2 * blockIdx.x] = static_cast<long long>(g1 - g0);
     t[2 * blockIdx.x + 1] = static_cast<long long>(g2 - g1);
