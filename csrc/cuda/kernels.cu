@@ -397,12 +397,13 @@ __device__ __forceinline__ void rows_dot_q4(const DevMat* m, int r0, int r1, con
 // Rows [r0, r1) of N same-shaped matrices times the block's x: q4 rows on the tensor cores
 // (rows_dot_q4), q8 and bf16 rows by rows_dot_tiles with warp w of the block as worker w. ready()
 // builds x (all threads call it once, after their first weight loads are issued); emit(row,
-// dots...) runs once per row.
-template <int N, class Ready, class Emit>
+// dots...) runs once per row. BITS = 4: every matrix is q4 (the launch's code holds that path
+// alone); 0: the path is chosen per block.
+template <int N, int BITS = 0, class Ready, class Emit>
 __device__ __forceinline__ void rows_dot(const DevMat* m, int r0, int r1, const VecSmem& v, Ready&& ready,
                                          Emit&& emit) {
   const int warp = int(threadIdx.x) >> 5;
-  if (m[0].bits == 4)
+  if (BITS == 4 || m[0].bits == 4)
     rows_dot_q4<N>(m, r0, r1, v, ready, emit);
   else if (m[0].bits == 8)
     rows_dot_tiles<8, N>(m, r0, r1, warp, kWarps, v.xs, v.gsum, ready, emit);
@@ -511,15 +512,12 @@ __device__ void load_x_chunks(const PrologueArgs& p, int cols, const VecSmem& vs
   trace::mark(trace::kReady);
 }
 
-// load_x_chunks with the fewest chunks per thread that hold `cols` (at most kMaxCols).
-__device__ __forceinline__ void load_x(const PrologueArgs& p, int cols, const VecSmem& vs, bool q4) {
-  if (cols <= 8 * kThreads)
-    load_x_chunks<1>(p, cols, vs, q4);
-  else if (cols <= 16 * kThreads)
-    load_x_chunks<2>(p, cols, vs, q4);
-  else
-    load_x_chunks<kMaxCols / (8 * kThreads)>(p, cols, vs, q4);
-}
+// Chunks of 8 columns per thread that hold an input of `cols` columns (at most kMaxCols). Each
+// kernel that builds an x is instantiated per count (CH), so that a launch's code holds one copy
+// of load_x_chunks and runs in one stretch: its code comes from L2 at every launch (a decode
+// layer runs about 145 KB of code against an instruction cache of about 32 KB; docs/cuda.md).
+constexpr int kMaxChunks = kMaxCols / (8 * kThreads);
+inline int x_chunks(int cols) { return cols <= 8 * kThreads ? 1 : cols <= 16 * kThreads ? 2 : kMaxChunks; }
 
 // Blocks of the matvec-style kernels resident per SM (their launch bounds, 128 registers); a
 // launch takes at most this many per SM, so that its blocks run in one wave. (At most one per SM,
@@ -601,6 +599,7 @@ struct MatvecParams {
 // block's rows into L2 at the block's start; lm_head's 286 MB would evict its own rows.
 constexpr uint64_t kOwnRowsMaxBytes = uint64_t(24) << 20;
 
+template <int CH, int BITS>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) matvec_kernel(const __grid_constant__ MatvecParams p) {
   extern __shared__ float4 smem4[];
   trace::begin();
@@ -614,11 +613,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) matvec_kernel(const __
   float* out = job.out;
   const bool acc = job.accumulate;
   if (p.own_rows) prefetch_rows(job.m, r0, r1);
-  rows_dot<1>(
+  rows_dot<1, BITS>(
       &job.m, r0, r1, vs,
       [&] {
         pdl_sync();
-        load_x(p.pro, p.cols, vs, job.m.bits == 4);
+        load_x_chunks<CH>(p.pro, p.cols, vs, BITS == 4 || job.m.bits == 4);
       },
       [&](int r, float v) {
         if (acc)
@@ -885,6 +884,7 @@ __device__ int entry_of_block(const ExpertParams& p) {
 // of x. x was written two launches back (out_proj or o_proj), so the block builds h and its q4
 // parts before its wait, while the router runs; a routed expert's weight loads start once its id
 // is known, the shared expert's rows are pulled into L2 at the start.
+template <int CH, int BITS>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) expert_gate_up_kernel(const __grid_constant__ ExpertParams p) {
   extern __shared__ float4 smem4[];
   trace::begin();
@@ -902,7 +902,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) expert_gate_up_kernel(
   norm.src = a.x;
   norm.w = a.norm_w;
   norm.eps = a.eps;
-  load_x(norm, a.hidden, vs, bits == 4);
+  load_x_chunks<CH>(norm, a.hidden, vs, BITS == 4 || bits == 4);
   pdl_sync();  // the routed experts' ids are the router's output
   DevMat m[2];
   if (routed) {
@@ -914,12 +914,13 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) expert_gate_up_kernel(
     m[1] = a.shared_up;
   }
   float* act = a.act + int64_t(k + 1) * a.act_stride;
-  rows_dot<2>(m, r0, r1, vs, [] {}, [&](int r, float g, float u) { act[r] = silu(g) * u; });
+  rows_dot<2, BITS>(m, r0, r1, vs, [] {}, [&](int r, float g, float u) { act[r] = silu(g) * u; });
   trace::end(trace::kGateUp);
 }
 
 // y[1 + k] = down act[1 + k] for the block's entry and rows. The ids were written two launches
 // back (the router), so the weight loads start before gate/up has finished.
+template <int CH, int BITS>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) expert_down_kernel(const __grid_constant__ ExpertParams p) {
   extern __shared__ float4 smem4[];
   trace::begin();
@@ -934,11 +935,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) expert_down_kernel(con
   PrologueArgs copy;
   copy.src = a.act + int64_t(k + 1) * a.act_stride;
   float* y = a.y + int64_t(k + 1) * a.hidden;
-  rows_dot<1>(
+  rows_dot<1, BITS>(
       &m, r0, r1, vs,
       [&] {
         pdl_sync();  // act is gate/up's output
-        load_x(copy, m.cols, vs, m.bits == 4);
+        load_x_chunks<CH>(copy, m.cols, vs, BITS == 4 || m.bits == 4);
       },
       [&](int r, float v) { y[r] = v; });
   // the last of the layer's entries to finish this row range adds the MoE output to its rows (each
@@ -983,11 +984,33 @@ bool programmatic_launch() { return g_programmatic; }
 
 size_t matvec_smem_bytes(int cols) { return vec_smem_floats(cols) * sizeof(float); }
 
+// The instantiation of a kernel for `ch` chunks per thread (x_chunks) and, when every matrix of
+// the launch is q4, that path alone (bits 4; else 0).
+using MatvecFn = void (*)(MatvecParams);
+using ExpertFn = void (*)(ExpertParams);
+template <int BITS>
+MatvecFn matvec_fn(int ch) {
+  return ch == 1 ? matvec_kernel<1, BITS> : ch == 2 ? matvec_kernel<2, BITS> : matvec_kernel<kMaxChunks, BITS>;
+}
+MatvecFn matvec_fn(int ch, bool q4) { return q4 ? matvec_fn<4>(ch) : matvec_fn<0>(ch); }
+template <int BITS>
+ExpertFn expert_fn(int ch, bool gate_up) {
+  if (gate_up)
+    return ch == 1 ? expert_gate_up_kernel<1, BITS> : ch == 2 ? expert_gate_up_kernel<2, BITS>
+                                                               : expert_gate_up_kernel<kMaxChunks, BITS>;
+  return ch == 1 ? expert_down_kernel<1, BITS> : ch == 2 ? expert_down_kernel<2, BITS>
+                                                         : expert_down_kernel<kMaxChunks, BITS>;
+}
+ExpertFn expert_fn(int ch, bool q4, bool gate_up) { return q4 ? expert_fn<4>(ch, gate_up) : expert_fn<0>(ch, gate_up); }
+
 void set_smem_limits(size_t bytes) {
   const int b = int(bytes);
-  FM_CUDA(cudaFuncSetAttribute(matvec_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, b));
-  FM_CUDA(cudaFuncSetAttribute(expert_gate_up_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, b));
-  FM_CUDA(cudaFuncSetAttribute(expert_down_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, b));
+  for (int ch : {1, 2, kMaxChunks})
+    for (bool q4 : {false, true}) {
+      FM_CUDA(cudaFuncSetAttribute(matvec_fn(ch, q4), cudaFuncAttributeMaxDynamicSharedMemorySize, b));
+      FM_CUDA(cudaFuncSetAttribute(expert_fn(ch, q4, true), cudaFuncAttributeMaxDynamicSharedMemorySize, b));
+      FM_CUDA(cudaFuncSetAttribute(expert_fn(ch, q4, false), cudaFuncAttributeMaxDynamicSharedMemorySize, b));
+    }
 }
 
 size_t q4_pairs_bytes(int rows, int cols) { return size_t(rows) * size_t(cols / 64) * 4; }
@@ -1028,7 +1051,9 @@ void matvec(cudaStream_t s, const PrologueArgs& pro, int cols, const MatvecJob* 
       throw std::invalid_argument("CUDA router: 1..32 experts per token out of at most 1024");
     p.tail = *tail;
   }
-  launch(matvec_kernel, blocks, kThreads, matvec_smem_bytes(cols), s, p);
+  bool q4 = true;
+  for (int j = 0; j < njobs; ++j) q4 = q4 && jobs[j].m.bits == 4;
+  launch(matvec_fn(x_chunks(cols), q4), blocks, kThreads, matvec_smem_bytes(cols), s, p);
 }
 
 namespace trace {
@@ -1087,7 +1112,9 @@ void experts(cudaStream_t s, const ExpertArgs& a, const ExpertBatch& batch, int 
   };
   // gate/up: rows of the intermediate size; input h
   int blocks = plan(a.shared_up, routed_up, 2);
-  launch(expert_gate_up_kernel, blocks, kThreads, matvec_smem_bytes(a.hidden), s, p);
+  const bool q4 = a.gate.bits == 4 && a.up.bits == 4 && a.down.bits == 4 && a.shared_gate.bits == 4 &&
+                  a.shared_up.bits == 4 && a.shared_down.bits == 4;
+  launch(expert_fn(x_chunks(a.hidden), q4, true), blocks, kThreads, matvec_smem_bytes(a.hidden), s, p);
   // down: rows of hidden, input act. Every entry of every batch takes the same row ranges (the
   // combine counts entries per range): those of a launch of all k + 1 entries, planned for the
   // wider of the two shapes (whose partial sums bound the rows per block).
@@ -1101,7 +1128,7 @@ void experts(cudaStream_t s, const ExpertArgs& a, const ExpertBatch& batch, int 
   for (int j = 0; j <= batch.n; ++j) p.first_block[j] = j * ranges;
   blocks = batch.n * ranges;
   const int widest = std::max(a.shared_down.cols, routed_down.cols);
-  launch(expert_down_kernel, blocks, kThreads, matvec_smem_bytes(widest), s, p);
+  launch(expert_fn(x_chunks(widest), q4, false), blocks, kThreads, matvec_smem_bytes(widest), s, p);
 }
 
 }  // namespace fm::cuda
