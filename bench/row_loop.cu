@@ -1,27 +1,35 @@
-// How long a matvec block's q4 row loop takes by itself, once its x is ready: the engine's
-// rows_dot (csrc/cuda/kernels.cu) on blocks of in_proj's, out_proj's and the experts' down shape,
-// the matrix in L2 (repeated launches over a matrix that fits it), at one and two blocks per SM;
-// also a second pass in the same block (its instructions cached) and the block's two halves of
-// rows taken together as the two matrices of rows_dot<2>. Prints the median block's time (us, SM
-// cycles, and the clock they imply) from x ready to its rows emitted; before that, the latency of
-// one mma.sync and the prologue's own time (load_x: RMSNorm and q4 split, run twice).
+// How long a matvec block's q4 row loop takes by itself: the engine's rows_dot
+// (csrc/cuda/kernels.cu) on blocks of in_proj's, out_proj's and the experts' down shape, the
+// matrix in L2 (repeated launches over a matrix that fits it), at one and two blocks per SM. Each
+// shape runs warm (the launch before ran the same code), cold (after a kernel of 256 KB of
+// straight-line code, one warp per SM, which evicts the launch's code from the SM's instruction
+// cache, as the other kernels of a decode layer do), cold with a dry pass (the block runs the
+// same code once before, its rows dropped), after a kernel as long that loops over 2 KB of code
+// (a control: it evicts nothing), and with the block's two halves of rows taken together as the
+// two matrices of rows_dot<2>. Prints the median block's time from its start to x ready, and from
+// x ready to its rows emitted (us, SM cycles, and the clock they imply); before that, the latency
+// of one mma.sync and the prologue's own time (load_x: RMSNorm and q4 split), warm and cold.
+// `row_loop SHAPE` runs one shape's cold pass at one block per SM alone (for a profiler).
 // H200: bench/results/row_loop_h200.txt, docs/cuda.md ("What bounds the resident regime").
 //   nvcc -O3 -std=c++17 -arch=sm_90 -Icsrc -Ibench bench/row_loop.cu -o /tmp/row_loop && /tmp/row_loop
 #include "cuda/kernels.cu"
 #include "cuda_check.cuh"
 
 #include <algorithm>
+#include <string>
 #include <vector>
 
 namespace fm::cuda {
 namespace {
 
 // kPair: the block's two halves of rows as the two matrices of rows_dot<2> (one x fragment for
-// both); kTwice: the rows once untimed, then timed (the second pass finds its instructions cached).
-template <bool kPair, bool kTwice>
+// both); kDry: the block's work twice from one copy of the code (a loop), the first pass's rows
+// dropped and the second timed. CH: x chunks per thread (x_chunks), as the engine's kernels.
+template <bool kPair, bool kDry, int CH>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     loop_kernel(DevMat m, const float* x, int rows_per_block, float* out, long long* t) {
   extern __shared__ float4 smem4[];
+  const uint64_t g_start = ::now();
   const int r0 = int(blockIdx.x) * rows_per_block, r1 = min(m.rows, r0 + rows_per_block);
   VecSmem vs;
   vec_smem_floats(m.cols, &vs, reinterpret_cast<float*>(smem4));
@@ -29,82 +37,127 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   pro.src = x;
   long long c0 = 0;
   uint64_t g0 = 0;
-  auto ready = [&] {
-    load_x(pro, m.cols, vs, true);
-    c0 = clock64();
-    g0 = ::now();
-  };
   if constexpr (kPair) {
     const int half = (r1 - r0) / 2;
     DevMat m2[2] = {m, m};
     m2[1].data = m.data + size_t(half) * (m.cols / 2);
     m2[1].scales = m.scales + 2 * half;  // the pairs' words of row r + half
-    rows_dot<2>(m2, r0, r0 + half, vs, ready, [&](int r, float a, float b) { out[r] = a, out[r + half] = b; });
+    rows_dot<2, 4>(
+        m2, r0, r0 + half, vs,
+        [&] {
+          load_x_chunks<CH>(pro, m.cols, vs, true);
+          c0 = clock64(), g0 = ::now();
+        },
+        [&](int r, float a, float b) { out[r] = a, out[r + half] = b; });
   } else {
-    if constexpr (kTwice) {
-      rows_dot<1>(&m, r0, r1, vs, [&] { load_x(pro, m.cols, vs, true); }, [&](int r, float v) { out[r] = v; });
+#pragma unroll 1
+    for (int pass = kDry ? 0 : 1; pass < 2; ++pass) {
+      rows_dot<1, 4>(
+          &m, r0, r1, vs,
+          [&] {
+            load_x_chunks<CH>(pro, m.cols, vs, true);
+            if (pass) c0 = clock64(), g0 = ::now();
+          },
+          [&](int r, float v) {
+            if (pass) out[r] = v;
+          });
       __syncthreads();
     }
-    rows_dot<1>(&m, r0, r1, vs, ready, [&](int r, float v) { out[r] = v; });
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    t[2 * blockIdx.x] = clock64() - c0;
-    t[2 * blockIdx.x + 1] = static_cast<long long>(::now() - g0);
+    t[3 * blockIdx.x] = clock64() - c0;
+    t[3 * blockIdx.x + 1] = static_cast<long long>(::now() - g0);
+    t[3 * blockIdx.x + 2] = static_cast<long long>(g0 - g_start);
   }
 }
 
-// The prologue alone: load_x with an RMSNorm and the q4 split, twice in a row on two different
-// vectors (both in L2), so that the second finds its instructions cached. t: per block, the
-// first's and the second's ns.
+// 16384 FFMAs, 256 KB of straight-line code: run before a launch (one warp per SM), it evicts
+// that launch's code from the SM's instruction cache (bench/icache_fetch.cu: about 32 KB).
+__global__ void evict_code_kernel(float b, float c, float* out) {
+  float a[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) a[j] = float(threadIdx.x + j);
+#pragma unroll
+  for (int r = 0; r < 2048; ++r)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) a[j] = fmaf(a[j], b, c);
+  float s = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) s += a[j];
+  out[blockIdx.x * blockDim.x + threadIdx.x] = s;
+}
+
+// The same FFMAs as a loop over a 2 KB body: as long and as busy, but it evicts no code.
+__global__ void small_code_kernel(float b, float c, float* out) {
+  float a[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) a[j] = float(threadIdx.x + j);
+#pragma unroll 1
+  for (int i = 0; i < 128; ++i)
+#pragma unroll
+    for (int r = 0; r < 16; ++r)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) a[j] = fmaf(a[j], b, c);
+  float s = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) s += a[j];
+  out[blockIdx.x * blockDim.x + threadIdx.x] = s;
+}
+
+// The prologue alone: load_x_chunks with an RMSNorm and the q4 split. t: per block, its ns.
+template <int CH>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
-    prologue_kernel(const float* x1, const float* x2, const float* w1, const float* w2, int cols, long long* t) {
+    prologue_kernel(const float* x, const float* w, int cols, long long* t) {
   extern __shared__ float4 smem4[];
   VecSmem vs;
   vec_smem_floats(cols, &vs, reinterpret_cast<float*>(smem4));
-  PrologueArgs p1, p2;
-  p1.kind = p2.kind = Prologue::Norm;
-  p1.eps = p2.eps = 1e-6f;
-  p1.src = x1, p1.w = w1, p2.src = x2, p2.w = w2;
+  PrologueArgs p;
+  p.kind = Prologue::Norm;
+  p.eps = 1e-6f;
+  p.src = x, p.w = w;
   __syncthreads();
   const uint64_t g0 = ::now();
-  load_x(p1, cols, vs, true);
-  const uint64_t g1 = ::now();
-  load_x(p2, cols, vs, true);
-  const uint64_t g2 = ::now();
-  if (threadIdx.x == 0) {
-    t[2 * blockIdx.x] = static_cast<long long>(g1 - g0);
-    t[2 * blockIdx.x + 1] = static_cast<long long>(g2 - g1);
-  }
+  load_x_chunks<CH>(p, cols, vs, true);
+  if (threadIdx.x == 0) t[blockIdx.x] = static_cast<long long>(::now() - g0);
 }
 
+// Medians over the blocks of 15 launches of the prologue, warm, then each after the code evictor.
 void prologue(int cols, int sms) {
   const int blocks = 2 * sms;
   float* buf;
-  CHECK(cudaMalloc(&buf, 4 * cols * sizeof(float)));
-  std::vector<float> h(4 * cols);
-  for (int i = 0; i < 4 * cols; ++i) h[i] = 0.01f * float((i * 37) % 101 - 50);
+  CHECK(cudaMalloc(&buf, 2 * cols * sizeof(float)));
+  std::vector<float> h(2 * cols);
+  for (int i = 0; i < 2 * cols; ++i) h[i] = 0.01f * float((i * 37) % 101 - 50);
   CHECK(cudaMemcpy(buf, h.data(), h.size() * sizeof(float), cudaMemcpyHostToDevice));
   long long* t;
-  CHECK(cudaMalloc(&t, 2 * blocks * sizeof(long long)));
+  CHECK(cudaMalloc(&t, blocks * sizeof(long long)));
+  float* junk;
+  CHECK(cudaMalloc(&junk, size_t(sms) * 32 * sizeof(float)));
   const size_t smem = matvec_smem_bytes(cols);
-  CHECK(cudaFuncSetAttribute(prologue_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  std::vector<long long> ht(2 * blocks);
-  std::vector<double> first, second;
-  for (int rep = 0; rep < 20; ++rep) {
-    prologue_kernel<<<blocks, kThreads, smem>>>(buf, buf + cols, buf + 2 * cols, buf + 3 * cols, cols, t);
-    CHECK(cudaGetLastError());
-    CHECK(cudaDeviceSynchronize());
-    if (rep < 5) continue;
-    CHECK(cudaMemcpy(ht.data(), t, ht.size() * sizeof(long long), cudaMemcpyDeviceToHost));
-    for (int b = 0; b < blocks; ++b) first.push_back(ht[2 * b] / 1e3), second.push_back(ht[2 * b + 1] / 1e3);
+  auto k = x_chunks(cols) == 1 ? prologue_kernel<1> : prologue_kernel<2>;
+  CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  std::vector<long long> ht(blocks);
+  double med[2];
+  for (int cold = 0; cold < 2; ++cold) {
+    std::vector<double> us;
+    for (int rep = 0; rep < 20; ++rep) {
+      if (cold) evict_code_kernel<<<sms, 32>>>(1.0001f, 0.5f, junk);
+      k<<<blocks, kThreads, smem>>>(buf, buf + cols, cols, t);
+      CHECK(cudaGetLastError());
+      CHECK(cudaDeviceSynchronize());
+      if (rep < 5) continue;
+      CHECK(cudaMemcpy(ht.data(), t, ht.size() * sizeof(long long), cudaMemcpyDeviceToHost));
+      for (long long v : ht) us.push_back(v / 1e3);
+    }
+    std::sort(us.begin(), us.end());
+    med[cold] = us[us.size() / 2];
   }
-  std::sort(first.begin(), first.end());
-  std::sort(second.begin(), second.end());
-  std::printf("prologue (RMSNorm + q4 split) of %d columns, 2/SM: first %.2f us, second %.2f us (medians)\n", cols,
-              first[first.size() / 2], second[second.size() / 2]);
+  std::printf("prologue (RMSNorm + q4 split) of %d columns, 2/SM: warm %.2f us, cold %.2f us (medians)\n", cols,
+              med[0], med[1]);
   CHECK(cudaFree(buf));
   CHECK(cudaFree(t));
+  CHECK(cudaFree(junk));
 }
 
 // One warp: n rounds of 4 mma.sync m16n8k32 (u8 x s8), each on the previous one's result (kDep)
@@ -147,7 +200,17 @@ struct Shape {
   int cols, rows_per_block;
 };
 
-enum class Pass { Single, Second, Paired };
+enum class Pass { Warm, Cold, ColdDry, Control, Paired };
+const char* pass_name(Pass p) {
+  switch (p) {
+    case Pass::Warm: return "warm";
+    case Pass::Cold: return "cold";
+    case Pass::ColdDry: return "cold+dry";
+    case Pass::Control: return "control";
+    case Pass::Paired: return "paired";
+  }
+  return "";
+}
 
 // A matrix of rows_per_block x blocks rows in L2, the blocks all resident at blocks_per_sm per SM.
 void run(const Shape& s, Pass pass, int blocks_per_sm, int sms) {
@@ -173,28 +236,36 @@ void run(const Shape& s, Pass pass, int blocks_per_sm, int sms) {
   for (int i = 0; i < s.cols; ++i) hx[i] = 0.01f * float((i * 37) % 101 - 50);
   CHECK(cudaMemcpy(x, hx.data(), s.cols * sizeof(float), cudaMemcpyHostToDevice));
   long long* t;
-  CHECK(cudaMalloc(&t, 2 * blocks * sizeof(long long)));
+  CHECK(cudaMalloc(&t, 3 * blocks * sizeof(long long)));
+  float* junk;
+  CHECK(cudaMalloc(&junk, size_t(blocks) * kThreads * sizeof(float)));
   const size_t smem = matvec_smem_bytes(s.cols);
-  auto k = pass == Pass::Paired ? loop_kernel<true, false> : pass == Pass::Second ? loop_kernel<false, true>
-                                                                                   : loop_kernel<false, false>;
+  const bool one = x_chunks(s.cols) == 1;
+  auto k = pass == Pass::Paired    ? (one ? loop_kernel<true, false, 1> : loop_kernel<true, false, 2>)
+           : pass == Pass::ColdDry ? (one ? loop_kernel<false, true, 1> : loop_kernel<false, true, 2>)
+                                   : (one ? loop_kernel<false, false, 1> : loop_kernel<false, false, 2>);
   CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  std::vector<long long> ht(2 * blocks);
-  std::vector<double> us, cyc;
+  std::vector<long long> ht(3 * blocks);
+  std::vector<double> us, cyc, pro;
   for (int rep = 0; rep < 20; ++rep) {  // the first launches pull the matrix into L2
+    if (pass == Pass::Cold || pass == Pass::ColdDry) evict_code_kernel<<<sms, 32>>>(1.0001f, 0.5f, junk);
+    if (pass == Pass::Control) small_code_kernel<<<blocks, kThreads>>>(1.0001f, 0.5f, junk);
     k<<<blocks, kThreads, smem>>>(m, x, s.rows_per_block, out, t);
     CHECK(cudaGetLastError());
     CHECK(cudaDeviceSynchronize());
     if (rep < 5) continue;
     CHECK(cudaMemcpy(ht.data(), t, ht.size() * sizeof(long long), cudaMemcpyDeviceToHost));
-    for (int b = 0; b < blocks; ++b) cyc.push_back(double(ht[2 * b])), us.push_back(ht[2 * b + 1] / 1e3);
+    for (int b = 0; b < blocks; ++b)
+      cyc.push_back(double(ht[3 * b])), us.push_back(ht[3 * b + 1] / 1e3), pro.push_back(ht[3 * b + 2] / 1e3);
   }
   std::sort(us.begin(), us.end());
   std::sort(cyc.begin(), cyc.end());
-  const char* name = pass == Pass::Paired ? "paired" : pass == Pass::Second ? "2nd pass" : "single";
-  std::printf("%-9s %-8s %d/SM  %3d blocks x %3d rows: x ready -> rows emitted  "
+  std::sort(pro.begin(), pro.end());
+  std::printf("%-9s %-8s %d/SM  %3d blocks x %3d rows: start -> x ready %.2f us; x ready -> rows emitted  "
               "median %.2f us (%.0f cycles, %.0f MHz), 90th %.2f us\n",
-              s.name, name, blocks_per_sm, blocks, s.rows_per_block, us[us.size() / 2], cyc[cyc.size() / 2],
-              cyc[cyc.size() / 2] / us[us.size() / 2], us[us.size() * 9 / 10]);
+              s.name, pass_name(pass), blocks_per_sm, blocks, s.rows_per_block, pro[pro.size() / 2], us[us.size() / 2],
+              cyc[cyc.size() / 2], cyc[cyc.size() / 2] / us[us.size() / 2], us[us.size() * 9 / 10]);
+  CHECK(cudaFree(junk));
   CHECK(cudaFree(w));
   CHECK(cudaFree(x));
   CHECK(cudaFree(out));
@@ -204,19 +275,24 @@ void run(const Shape& s, Pass pass, int blocks_per_sm, int sms) {
 }  // namespace
 }  // namespace fm::cuda
 
-int main() {
+int main(int argc, char** argv) {
   using namespace fm::cuda;
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, 0));
+  const Shape shapes[] = {{"in_proj", 2048, 64}, {"out_proj", 4096, 16}, {"down", 512, 96}};
+  if (argc > 1) {
+    for (const Shape& s : shapes)
+      if (std::string(argv[1]) == s.name) run(s, Pass::Cold, 1, prop.multiProcessorCount);
+    return 0;
+  }
   std::printf("%s, %d SMs\n", prop.name, prop.multiProcessorCount);
   imma_latency();
   prologue(2048, prop.multiProcessorCount);
   prologue(4096, prop.multiProcessorCount);
-  const Shape shapes[] = {{"in_proj", 2048, 64}, {"out_proj", 4096, 16}, {"down", 512, 96}};
   for (const Shape& s : shapes)
     for (int per_sm : {1, 2}) {
-      run(s, Pass::Single, per_sm, prop.multiProcessorCount);
-      run(s, Pass::Second, per_sm, prop.multiProcessorCount);
+      for (Pass pass : {Pass::Warm, Pass::Cold, Pass::ColdDry, Pass::Control})
+        run(s, pass, per_sm, prop.multiProcessorCount);
       if (s.rows_per_block % 32 == 0) run(s, Pass::Paired, per_sm, prop.multiProcessorCount);
     }
   return 0;

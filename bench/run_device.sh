@@ -5,8 +5,9 @@
 # timeline (csrc/cuda/trace.cuh) and summarises one resident decode token. `ab` times resident
 # decode of the source trees AB_TREES ("name=dir ...", e.g. `git archive main` unpacked; the first
 # is the reference) and this tree in alternation (bench/ab_decode.py), then, with AB_TRACE=1,
-# traces this tree.
-#   bash bench/run_device.sh [chain|tests|probe|bench|all|trace|ab]
+# traces this tree. `footprint` profiles one decode token's launches for the code each runs
+# (bench/code_footprint.py).
+#   bash bench/run_device.sh [chain|tests|probe|footprint|bench|all|trace|ab]
 set -uo pipefail
 OUT=${OUT:-/tmp/flashmoe-device-out}
 WHAT=${1:-all}
@@ -31,7 +32,10 @@ if [[ $WHAT == all || $WHAT == chain ]]; then
   # whether a slice read from L2 is slower when another SM pulled it in (the L2's two partitions)
   nvcc -O3 -std=c++17 -arch=sm_90 -Icsrc bench/l2_locality.cu -o /tmp/l2_locality && /tmp/l2_locality \
     | tee "$OUT/l2_locality.txt"
-  # what a q4 row loop and a prologue cost by themselves, x ready to rows emitted
+  # the instruction cache: its size, and what cold straight-line code costs
+  nvcc -O3 -std=c++17 -arch=sm_90 -Ibench bench/icache_fetch.cu -o /tmp/icache_fetch && /tmp/icache_fetch \
+    | tee "$OUT/icache_fetch.txt"
+  # what a q4 row loop and a prologue cost by themselves, warm and with their code evicted
   nvcc -O3 -std=c++17 -arch=sm_90 -Icsrc -Ibench bench/row_loop.cu -o /tmp/row_loop && /tmp/row_loop \
     | tee "$OUT/row_loop.txt"
   [[ $WHAT == chain ]] && exit "${PIPESTATUS[0]}"
@@ -66,6 +70,17 @@ if [[ $WHAT == all || $WHAT == probe ]]; then
   "$NCU" --import "$OUT/probe.ncu-rep" --csv --page raw > "$OUT/ncu.csv" 2>> "$OUT/ncu.log"
   python3 bench/kernel_probe.py --summarize "$OUT/ncu.csv" 2>&1 | tee "$OUT/probe.txt" || tail -20 "$OUT/ncu.log"
   echo "probe: $(( $(date +%s) - t0 )) s"
+fi
+if [[ $WHAT == footprint ]]; then
+  # the code each launch of the second decode token runs (the first token's 28 launches skipped)
+  t0=$(date +%s)
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  timeout 240 "$NCU" --clock-control none --kernel-name regex:"matvec|deltanet|expert|attn|qk_prep|embed" \
+    --launch-skip 28 --launch-count 28 --section SourceCounters -f -o /tmp/footprint \
+    python3 bench/kernel_probe.py --work /tmp/fmprobe > "$OUT/ncu.log" 2>&1
+  "$NCU" --import /tmp/footprint.ncu-rep --page source --csv --print-source sass > /tmp/footprint.csv 2>> "$OUT/ncu.log"
+  python3 bench/code_footprint.py /tmp/footprint.csv 2>&1 | tee "$OUT/footprint.txt" || tail -20 "$OUT/ncu.log"
+  echo "footprint: $(( $(date +%s) - t0 )) s"
 fi
 if [[ $WHAT == all || $WHAT == bench ]]; then
   t0=$(date +%s)
