@@ -11,34 +11,7 @@
 #include <vector>
 
 #include "cuda_check.cuh"
-
-template <int K, bool kLoop>
-__global__ void fma_kernel(float b, float c, float* out, long long* cycles) {
-  float a[8];
-#pragma unroll
-  for (int j = 0; j < 8; ++j) a[j] = float(threadIdx.x + j);
-  __syncthreads();
-  const long long c0 = clock64();
-  if constexpr (kLoop) {
-#pragma unroll 1
-    for (int i = 0; i < K / 128; ++i)
-#pragma unroll
-      for (int r = 0; r < 16; ++r)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) a[j] = fmaf(a[j], b, c);
-  } else {
-#pragma unroll
-    for (int r = 0; r < K / 8; ++r)
-#pragma unroll
-      for (int j = 0; j < 8; ++j) a[j] = fmaf(a[j], b, c);
-  }
-  const long long c1 = clock64();
-  float s = 0.0f;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) s += a[j];
-  out[blockIdx.x * blockDim.x + threadIdx.x] = s;
-  if ((threadIdx.x & 31) == 0) cycles[blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32] = c1 - c0;
-}
+#include "fma_code.cuh"
 
 template <int K, bool kLoop>
 void run(int sms, int threads) {

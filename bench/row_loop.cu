@@ -14,6 +14,7 @@
 //   nvcc -O3 -std=c++17 -arch=sm_90 -Icsrc -Ibench bench/row_loop.cu -o /tmp/row_loop && /tmp/row_loop
 #include "cuda/kernels.cu"
 #include "cuda_check.cuh"
+#include "fma_code.cuh"
 
 #include <algorithm>
 #include <string>
@@ -72,39 +73,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   }
 }
 
-// 16384 FFMAs, 256 KB of straight-line code: run before a launch (one warp per SM), it evicts
-// that launch's code from the SM's instruction cache (bench/icache_fetch.cu: about 32 KB).
-__global__ void evict_code_kernel(float b, float c, float* out) {
-  float a[8];
-#pragma unroll
-  for (int j = 0; j < 8; ++j) a[j] = float(threadIdx.x + j);
-#pragma unroll
-  for (int r = 0; r < 2048; ++r)
-#pragma unroll
-    for (int j = 0; j < 8; ++j) a[j] = fmaf(a[j], b, c);
-  float s = 0.0f;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) s += a[j];
-  out[blockIdx.x * blockDim.x + threadIdx.x] = s;
-}
-
-// The same FFMAs as a loop over a 2 KB body: as long and as busy, but it evicts no code.
-__global__ void small_code_kernel(float b, float c, float* out) {
-  float a[8];
-#pragma unroll
-  for (int j = 0; j < 8; ++j) a[j] = float(threadIdx.x + j);
-#pragma unroll 1
-  for (int i = 0; i < 128; ++i)
-#pragma unroll
-    for (int r = 0; r < 16; ++r)
-#pragma unroll
-      for (int j = 0; j < 8; ++j) a[j] = fmaf(a[j], b, c);
-  float s = 0.0f;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) s += a[j];
-  out[blockIdx.x * blockDim.x + threadIdx.x] = s;
-}
-
 // The prologue alone: load_x_chunks with an RMSNorm and the q4 split. t: per block, its ns.
 template <int CH>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
@@ -142,7 +110,7 @@ void prologue(int cols, int sms) {
   for (int cold = 0; cold < 2; ++cold) {
     std::vector<double> us;
     for (int rep = 0; rep < 20; ++rep) {
-      if (cold) evict_code_kernel<<<sms, 32>>>(1.0001f, 0.5f, junk);
+      if (cold) fma_kernel<16384, false><<<sms, 32>>>(1.0001f, 0.5f, junk, nullptr);
       k<<<blocks, kThreads, smem>>>(buf, buf + cols, cols, t);
       CHECK(cudaGetLastError());
       CHECK(cudaDeviceSynchronize());
@@ -248,8 +216,9 @@ void run(const Shape& s, Pass pass, int blocks_per_sm, int sms) {
   std::vector<long long> ht(3 * blocks);
   std::vector<double> us, cyc, pro;
   for (int rep = 0; rep < 20; ++rep) {  // the first launches pull the matrix into L2
-    if (pass == Pass::Cold || pass == Pass::ColdDry) evict_code_kernel<<<sms, 32>>>(1.0001f, 0.5f, junk);
-    if (pass == Pass::Control) small_code_kernel<<<blocks, kThreads>>>(1.0001f, 0.5f, junk);
+    if (pass == Pass::Cold || pass == Pass::ColdDry)
+      fma_kernel<16384, false><<<sms, 32>>>(1.0001f, 0.5f, junk, nullptr);  // evicts the code
+    if (pass == Pass::Control) fma_kernel<16384, true><<<blocks, kThreads>>>(1.0001f, 0.5f, junk, nullptr);
     k<<<blocks, kThreads, smem>>>(m, x, s.rows_per_block, out, t);
     CHECK(cudaGetLastError());
     CHECK(cudaDeviceSynchronize());
