@@ -1,5 +1,5 @@
 // What a matvec prologue's input read costs when every block of a launch reads the same vector.
-// Each decode launch (csrc/cuda/kernels.cu, load_x) has all of its 128-264 blocks read one
+// Each decode launch (csrc/cuda/kernels.cu, load_x_chunks) has all of its 128-264 blocks read one
 // activation vector of 8-16 KB from L2 at the same moment, so each of the vector's lines is
 // asked for by every block. This times that read (thread 0's %globaltimer from before its loads
 // to after the block's barrier that follows them, median and slowest block) with the decode

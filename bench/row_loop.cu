@@ -8,7 +8,7 @@
 // (a control: it evicts nothing), and with the block's two halves of rows taken together as the
 // two matrices of rows_dot<2>. Prints the median block's time from its start to x ready, and from
 // x ready to its rows emitted (us, SM cycles, and the clock they imply); before that, the latency
-// of one mma.sync and the prologue's own time (load_x: RMSNorm and q4 split), warm and cold.
+// of one mma.sync and the prologue's own time (load_x_chunks: RMSNorm and q4 split), warm and cold.
 // `row_loop SHAPE` runs one shape's cold pass at one block per SM alone (for a profiler).
 // H200: bench/results/row_loop_h200.txt, docs/cuda.md ("What bounds the resident regime").
 //   nvcc -O3 -std=c++17 -arch=sm_90 -Icsrc -Ibench bench/row_loop.cu -o /tmp/row_loop && /tmp/row_loop

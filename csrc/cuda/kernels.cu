@@ -261,7 +261,7 @@ struct Q4Stage {
   // Row g's data at offset wo (uint4s) and its pair at so (words); row g + 8's at wo + w8 and so + 8.
   // A row past the block's or a group past the matrix's is not loaded: its registers keep an
   // earlier stage's values (finite weights and pairs, or the ring's zeros), which reach only rows
-  // that are never emitted, or B columns that are zero (load_x zeroes the parts past cols).
+  // that are never emitted, or B columns that are zero (load_x_chunks zeroes the parts past cols).
   __device__ __forceinline__ void issue(const uint4* const (&data)[N], const uint32_t* const (&pairs)[N], uint32_t wo,
                                         uint32_t w8, uint32_t so, bool ok0, bool ok1) {
 #pragma unroll
@@ -984,32 +984,30 @@ bool programmatic_launch() { return g_programmatic; }
 
 size_t matvec_smem_bytes(int cols) { return vec_smem_floats(cols) * sizeof(float); }
 
-// The instantiation of a kernel for `ch` chunks per thread (x_chunks) and, when every matrix of
-// the launch is q4, that path alone (bits 4; else 0).
-using MatvecFn = void (*)(MatvecParams);
-using ExpertFn = void (*)(ExpertParams);
+// The kernels that build an x, instantiated for `ch` chunks per thread (x_chunks) and, when every
+// matrix of the launch is q4, holding that path alone.
+struct VecKernels {
+  void (*matvec)(MatvecParams);
+  void (*gate_up)(ExpertParams);
+  void (*down)(ExpertParams);
+};
+template <int CH, int BITS>
+constexpr VecKernels kVecKernels = {matvec_kernel<CH, BITS>, expert_gate_up_kernel<CH, BITS>,
+                                    expert_down_kernel<CH, BITS>};
 template <int BITS>
-MatvecFn matvec_fn(int ch) {
-  return ch == 1 ? matvec_kernel<1, BITS> : ch == 2 ? matvec_kernel<2, BITS> : matvec_kernel<kMaxChunks, BITS>;
+VecKernels vec_kernels(int ch) {
+  return ch == 1 ? kVecKernels<1, BITS> : ch == 2 ? kVecKernels<2, BITS> : kVecKernels<kMaxChunks, BITS>;
 }
-MatvecFn matvec_fn(int ch, bool q4) { return q4 ? matvec_fn<4>(ch) : matvec_fn<0>(ch); }
-template <int BITS>
-ExpertFn expert_fn(int ch, bool gate_up) {
-  if (gate_up)
-    return ch == 1 ? expert_gate_up_kernel<1, BITS> : ch == 2 ? expert_gate_up_kernel<2, BITS>
-                                                               : expert_gate_up_kernel<kMaxChunks, BITS>;
-  return ch == 1 ? expert_down_kernel<1, BITS> : ch == 2 ? expert_down_kernel<2, BITS>
-                                                         : expert_down_kernel<kMaxChunks, BITS>;
-}
-ExpertFn expert_fn(int ch, bool q4, bool gate_up) { return q4 ? expert_fn<4>(ch, gate_up) : expert_fn<0>(ch, gate_up); }
+VecKernels vec_kernels(int ch, bool q4) { return q4 ? vec_kernels<4>(ch) : vec_kernels<0>(ch); }
 
 void set_smem_limits(size_t bytes) {
   const int b = int(bytes);
   for (int ch : {1, 2, kMaxChunks})
     for (bool q4 : {false, true}) {
-      FM_CUDA(cudaFuncSetAttribute(matvec_fn(ch, q4), cudaFuncAttributeMaxDynamicSharedMemorySize, b));
-      FM_CUDA(cudaFuncSetAttribute(expert_fn(ch, q4, true), cudaFuncAttributeMaxDynamicSharedMemorySize, b));
-      FM_CUDA(cudaFuncSetAttribute(expert_fn(ch, q4, false), cudaFuncAttributeMaxDynamicSharedMemorySize, b));
+      const VecKernels k = vec_kernels(ch, q4);
+      FM_CUDA(cudaFuncSetAttribute(k.matvec, cudaFuncAttributeMaxDynamicSharedMemorySize, b));
+      FM_CUDA(cudaFuncSetAttribute(k.gate_up, cudaFuncAttributeMaxDynamicSharedMemorySize, b));
+      FM_CUDA(cudaFuncSetAttribute(k.down, cudaFuncAttributeMaxDynamicSharedMemorySize, b));
     }
 }
 
@@ -1053,7 +1051,7 @@ void matvec(cudaStream_t s, const PrologueArgs& pro, int cols, const MatvecJob* 
   }
   bool q4 = true;
   for (int j = 0; j < njobs; ++j) q4 = q4 && jobs[j].m.bits == 4;
-  launch(matvec_fn(x_chunks(cols), q4), blocks, kThreads, matvec_smem_bytes(cols), s, p);
+  launch(vec_kernels(x_chunks(cols), q4).matvec, blocks, kThreads, matvec_smem_bytes(cols), s, p);
 }
 
 namespace trace {
@@ -1114,7 +1112,7 @@ void experts(cudaStream_t s, const ExpertArgs& a, const ExpertBatch& batch, int 
   int blocks = plan(a.shared_up, routed_up, 2);
   const bool q4 = a.gate.bits == 4 && a.up.bits == 4 && a.down.bits == 4 && a.shared_gate.bits == 4 &&
                   a.shared_up.bits == 4 && a.shared_down.bits == 4;
-  launch(expert_fn(x_chunks(a.hidden), q4, true), blocks, kThreads, matvec_smem_bytes(a.hidden), s, p);
+  launch(vec_kernels(x_chunks(a.hidden), q4).gate_up, blocks, kThreads, matvec_smem_bytes(a.hidden), s, p);
   // down: rows of hidden, input act. Every entry of every batch takes the same row ranges (the
   // combine counts entries per range): those of a launch of all k + 1 entries, planned for the
   // wider of the two shapes (whose partial sums bound the rows per block).
@@ -1128,7 +1126,7 @@ void experts(cudaStream_t s, const ExpertArgs& a, const ExpertBatch& batch, int 
   for (int j = 0; j <= batch.n; ++j) p.first_block[j] = j * ranges;
   blocks = batch.n * ranges;
   const int widest = std::max(a.shared_down.cols, routed_down.cols);
-  launch(expert_fn(x_chunks(widest), q4, false), blocks, kThreads, matvec_smem_bytes(widest), s, p);
+  launch(vec_kernels(x_chunks(widest), q4).down, blocks, kThreads, matvec_smem_bytes(widest), s, p);
 }
 
 }  // namespace fm::cuda
